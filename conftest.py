@@ -1,0 +1,15 @@
+"""Every stage has its own ``model.py``: pytest must collect one stage per process (nox does so)."""
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    folders = {Path(item.fspath).resolve().relative_to(ROOT).parts[0] for item in items}
+    if len(folders) > 1:
+        raise pytest.UsageError(
+            f"collected tests of several stages at once ({', '.join(sorted(folders))}); run one per process, "
+            "e.g. `cd 01_vae && pytest`, or `nox`")

@@ -1,0 +1,62 @@
+"""ScratchGen's sessions: ``nox -l`` lists them, ``nox`` runs them all.
+
+Every session runs in the environment nox itself runs in (``venv_backend="none"``): torch is a multi-GB
+install, made once by the README's set-up, never once per session. Sessions are discovered from the
+stage folders present (``01_vae`` ...): ``tests-<stage>`` runs that stage's pytest in its own process (each
+stage has its own ``model.py``), ``smoke-<stage>`` trains for seconds and samples through the real CLIs.
+"""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+STAGES = sorted(p.name for p in ROOT.glob("[0-9][0-9]_*") if (p / "tests").is_dir())
+PY = sys.executable
+
+nox.options.sessions = ["lint", "tests-shared", *[f"tests-{s}" for s in STAGES],
+                        *[f"smoke-{s}" for s in STAGES if (ROOT / s / "train.py").exists()]]
+nox.options.error_on_missing_interpreters = False
+
+
+@nox.session(name="lint", venv_backend="none")
+def lint(session):
+    session.run(PY, "-m", "ruff", "check", ".", external=True)
+
+
+@nox.session(name="tests-shared", venv_backend="none")
+def tests_shared(session):
+    session.chdir(ROOT)
+    session.run(PY, "-m", "pytest", "shared/tests", *session.posargs, external=True)
+
+
+def _tests(stage):
+    @nox.session(name=f"tests-{stage}", venv_backend="none")
+    def session_fn(session):
+        session.chdir(ROOT / stage)
+        session.run(PY, "-m", "pytest", "tests", *session.posargs, external=True)
+
+
+def _smoke(stage):
+    @nox.session(name=f"smoke-{stage}", venv_backend="none")
+    def session_fn(session):
+        session.chdir(ROOT / stage)
+        with tempfile.TemporaryDirectory(prefix=f"smoke-{stage}-") as tmp:
+            env = {"SCRATCHGEN_EXPERIMENTS": tmp, "PYTHONPATH": str(ROOT)}
+            session.run(PY, "train.py", "--preset", "smoke", "--run-name", "smoke", "--device", "cpu",
+                        env=env, external=True)
+            npz = os.path.join(tmp, "samples.npz")
+            session.run(PY, "sample.py", "--ckpt", os.path.join(tmp, stage, "smoke", "ckpt.pt"),
+                        "--num-samples", "16", "--out", npz, "--device", "cpu", env=env, external=True)
+            session.run(PY, "-c", "import numpy as np, sys; x = np.load(sys.argv[1])['images']; "
+                        "assert x.dtype == np.uint8 and x.shape[0] == 16, (x.dtype, x.shape); print('samples', x.shape)",
+                        npz, external=True)
+
+
+for _stage in STAGES:
+    _tests(_stage)
+    if (ROOT / _stage / "train.py").exists():
+        _smoke(_stage)

@@ -1,0 +1,95 @@
+"""Checkpoints: atomic saves, safe loads (``weights_only=True``) and the provenance every file carries.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads without unpickling
+arbitrary objects. Its keys: ``stage``, ``step``, ``seed``, ``config`` (the dataclass as a dict),
+``git_hash``, ``torch_version``, ``created``, then whatever state the stage saves (``model``, ``ema``,
+``optimizer``, ``scaler``, ``rng`` ...).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from shared import REPO_ROOT, UserError
+
+
+def git_hash() -> str:
+    """The commit the code ran at, with ``-dirty`` when the tree had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=5)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(stage: str, config: dict, seed: int, step: int) -> dict:
+    return {
+        "stage": stage,
+        "config": config,
+        "seed": seed,
+        "step": step,
+        "git_hash": git_hash(),
+        "torch_version": str(torch.__version__),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_checkpoint(payload: dict, path: str | Path) -> Path:
+    """Write ``payload`` atomically: to a temporary file in the same folder, then ``os.replace``.
+
+    A process killed mid-save leaves at most a stray temporary file; ``path`` still holds the previous
+    complete checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cpu") -> dict:
+    """Load with ``weights_only=True``; a missing, corrupt, unsafe or other-stage file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln] or ["unsafe content"]
+        raise UserError(f"refusing to load {path}: not a plain-data checkpoint ({lines[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or "stage" not in ckpt:
+        raise UserError(f"{path} is not a ScratchGen checkpoint (it has no 'stage' entry)")
+    if stage is not None and ckpt["stage"] != stage:
+        raise UserError(f"{path} is a checkpoint of stage {ckpt['stage']}, not {stage}")
+    return ckpt
+
+
+def export_weights(ckpt: dict, path: str | Path, key: str = "ema", half: bool = False) -> Path:
+    """Keep only provenance and one set of weights (EMA by default): what ``pretrained/mnist.pt`` holds."""
+    weights = ckpt[key] if key in ckpt else ckpt["model"]
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    keep = ("stage", "config", "seed", "step", "git_hash", "torch_version", "created")
+    return save_checkpoint({**{k: ckpt[k] for k in keep if k in ckpt}, "model": weights}, path)

@@ -1,0 +1,164 @@
+"""Command lines: one spelling of the common flags for every stage, presets, validation, clean exits.
+
+A stage declares ``@dataclass class TrainConfig(CommonConfig)`` with its own fields made by :func:`arg`;
+:func:`parse_config` turns ``sys.argv`` into that dataclass, layering
+
+    dataclass defaults  <  --preset  <  the resumed checkpoint's config  <  flags given on the command line
+
+and :func:`run_entry` runs an entry point so that a user's mistake (:class:`~shared.UserError`) is one
+line on stderr with exit code 2, and a diverged run is one line with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared import UserError
+from shared.data import DATASETS
+from shared.runtime import DEVICES
+
+PRESET_NAMES = ("smoke", "default", "full")
+# Flags that describe one invocation, not the run: a resumed run never inherits them from its checkpoint.
+PER_INVOCATION = ("resume", "stop_at", "max_minutes", "device", "compile")
+
+
+def arg(default, help: str, choices: tuple | None = None, min: float | None = 0):
+    """A config field with its ``--help`` text, allowed values and lower bound (``None``: unbounded)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min})
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class CommonConfig:
+    """Flags every stage's train.py has, spelled the same everywhere."""
+    preset: str = arg("default", "smoke (<60 s on CPU), default (<15 min on 2 CPU cores), full (the paper's "
+                      "result; GPU recommended). Every other flag overrides the preset", PRESET_NAMES)
+    dataset: str = arg("mnist", "training data; mnist is bundled, the others download", DATASETS)
+    steps: int = arg(1000, "optimizer steps to train for (in total, also when resuming)", min=1)
+    batch_size: int = arg(128, "images per step (per process under DDP)", min=1)
+    lr: float = arg(1e-3, "learning rate", min=1e-12)
+    seed: int = arg(0, "seed for every random number generator; a seed fixes a run")
+    device: str = arg("auto", "where to train: auto picks cuda, then mps, then cpu", DEVICES)
+    amp: bool = arg(False, "bf16 autocast on CUDA (ignored on CPU)")
+    compile: bool = arg(False, "torch.compile the network")
+    run_name: str = arg("", "folder under experiments/<stage>/ (default: <preset>-<date>-<time>)")
+    resume: str = arg("", "continue a run: a checkpoint path, a run folder, or 'auto' (the named run, else the "
+                      "newest run of this stage)")
+    sample_every: int = arg(500, "write a sample grid every N steps (0: only at the end)")
+    ckpt_every: int = arg(500, "write a checkpoint every N steps (0: only at the end)")
+    log_every: int = arg(10, "average and log the losses every N steps", min=1)
+    max_minutes: float = arg(0.0, "stop cleanly after M minutes of training, saving and sampling as at a "
+                             "normal end (0: no limit)")
+    stop_at: int = arg(0, "stop cleanly after this step as if interrupted, to resume later (0: never)")
+
+
+def config_from_preset(config_cls, presets: dict, preset: str = "default", **overrides):
+    """``config_cls`` filled from one preset and then ``overrides``: how tests and scripts build a config."""
+    if preset not in presets:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    return config_cls(**{**presets[preset], "preset": preset, **overrides})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(config_cls, presets: dict, description: str) -> argparse.ArgumentParser:
+    epilog = "presets:\n" + "\n".join(
+        f"  {name:8s} " + " ".join(f"{_flag(k)} {v}" for k, v in values.items()) for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = config_cls()
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        default = getattr(defaults, f.name)
+        text = meta.get("help", "")
+        kwargs = {"default": argparse.SUPPRESS, "dest": f.name}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = type(default)
+            kwargs["metavar"] = {int: "N", float: "X", str: "S"}[type(default)]
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+            kwargs.pop("metavar", None)
+        parser.add_argument(_flag(f.name), help=f"{text} (default: {default!r})", **kwargs)
+    return parser
+
+
+def validate(cfg) -> None:
+    """Range and choice checks for every field, from the bounds given to :func:`arg`."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        low = meta.get("min", 0)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low is not None and value < low:
+            raise UserError(f"{_flag(f.name)} must be at least {low}, got {value}")
+
+
+def parse_config(config_cls, presets: dict, stage: str, argv: list[str] | None = None,
+                 description: str = ""):
+    from shared.experiment import resolve_resume  # late import: experiment imports this module
+    from shared.checkpoint import load_checkpoint
+
+    given = vars(build_parser(config_cls, presets, description).parse_args(argv))
+    cfg = config_from_preset(config_cls, presets, given.get("preset", "default"))
+    resume = given.get("resume", "")
+    if resume:
+        path = resolve_resume(stage, given.get("run_name", ""), resume)
+        if path is not None:
+            saved = load_checkpoint(path, stage)["config"]
+            names = {f.name for f in dataclasses.fields(config_cls)}
+            names = names - set(PER_INVOCATION)
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in names})
+    cfg = dataclasses.replace(cfg, **given)
+    validate(cfg)
+    return cfg
+
+
+def run_entry(fn: Callable, *args, **kwargs):
+    """Call an entry point; turn a UserError into exit code 2 and a diverged run into exit code 1."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def train_entry(main: Callable, config_cls, presets: dict, stage: str, description: str = "") -> None:
+    """``if __name__ == "__main__": train_entry(main, TrainConfig, PRESETS, STAGE, __doc__)``."""
+    run_entry(lambda: main(parse_config(config_cls, presets, stage, description=description)))
+
+
+def add_sample_args(parser: argparse.ArgumentParser, num_samples: int = 64) -> argparse.ArgumentParser:
+    """The flags every sample.py shares."""
+    parser.add_argument("--ckpt", default="", help="checkpoint to sample from (default: this stage's newest "
+                        "run, else pretrained/mnist.pt)")
+    parser.add_argument("--num-samples", type=int, default=num_samples, help="how many images to draw")
+    parser.add_argument("--out", default="", help="where to write the .npz of uint8 samples (default: "
+                        "samples.npz beside the checkpoint); the grid PNG goes beside it")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the sampler's noise")
+    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="where to sample")
+    return parser
+
+
+def check_sample_args(args: argparse.Namespace) -> None:
+    if args.num_samples <= 0:
+        raise UserError(f"--num-samples must be positive, got {args.num_samples}")
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.out and not args.out.endswith(".npz"):
+        raise UserError(f"--out must name a .npz file, got {args.out!r}")

@@ -1,0 +1,265 @@
+"""One training run's plumbing: its folder, resume, signals, DDP wrapping, progress, metrics, checkpoints.
+
+The training loop itself stays in each stage's train.py, flat and visible::
+
+    with Run("01_vae", cfg) as run:
+        model = VAE(...).to(run.device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        run.restore(model=model, optimizer=opt)          # no-op unless --resume
+        batches = run.batches(images, labels, cfg.batch_size)
+        for step in run.steps():                          # stops at --steps, Ctrl-C, --max-minutes, --stop-at
+            x, y = next(batches)
+            loss = ...; opt.zero_grad(); loss.backward(); opt.step()
+            run.log(step, loss=loss)
+            if run.every(cfg.ckpt_every, step):
+                run.save_checkpoint(model=model, optimizer=opt)
+        run.save_checkpoint(model=model, optimizer=opt)   # also after an early stop
+        run.save_images(samples, "final.png")
+
+Everything is written to ``experiments/<stage>/<run-name>/`` at the repository root (or under
+``$SCRATCHGEN_EXPERIMENTS``), by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from shared import REPO_ROOT, UserError
+from shared.checkpoint import load_checkpoint, provenance, save_checkpoint
+from shared.cli import TrainingDiverged
+from shared.data import TensorImages, batches_from, make_loader
+from shared.images import plot_curves, read_metrics, save_grid
+from shared.runtime import (choose_device, ddp_setup, ddp_teardown, print0, rng_state, seed_everything,
+                            set_rng_state)
+
+CKPT_NAME = "ckpt.pt"
+
+
+def experiments_dir() -> Path:
+    return Path(os.environ.get("SCRATCHGEN_EXPERIMENTS", REPO_ROOT / "experiments"))
+
+
+def newest_checkpoint(stage: str) -> Path | None:
+    runs = sorted((experiments_dir() / stage).glob(f"*/{CKPT_NAME}"), key=lambda p: p.stat().st_mtime)
+    return runs[-1] if runs else None
+
+
+def resolve_resume(stage: str, run_name: str, resume: str) -> Path | None:
+    """``--resume`` as a checkpoint path: a file, a run folder, or ``auto`` (None when there is none)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        if run_name:
+            path = experiments_dir() / stage / run_name / CKPT_NAME
+            return path if path.is_file() else None
+        return newest_checkpoint(stage)
+    path = Path(resume)
+    if path.is_dir():
+        path = path / CKPT_NAME
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: no checkpoint at {path}")
+    return path
+
+
+def find_checkpoint(stage: str, stage_dir: Path, ckpt: str = "") -> Path:
+    """What sample.py loads: ``--ckpt`` if given, else the stage's newest run, else ``pretrained/mnist.pt``."""
+    if ckpt:
+        path = Path(ckpt)
+        path = path / CKPT_NAME if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f"--ckpt {ckpt}: no such checkpoint")
+        return path
+    for path in (newest_checkpoint(stage), stage_dir / "pretrained" / "mnist.pt"):
+        if path is not None and path.is_file():
+            return path
+    raise UserError(f"no checkpoint of {stage} found: train one with `python train.py` or pass --ckpt")
+
+
+def _unwrap(obj):
+    obj = getattr(obj, "module", obj)  # DistributedDataParallel
+    return getattr(obj, "_orig_mod", obj)  # torch.compile
+
+
+class Run:
+    def __init__(self, stage: str, cfg):
+        self.stage, self.cfg = stage, cfg
+        self.dist = ddp_setup()
+        self.device = choose_device(cfg.device)
+        seed_everything(cfg.seed + self.dist.rank)
+        self.resume_from = resolve_resume(stage, cfg.run_name, cfg.resume)
+        if self.resume_from is not None:
+            self.dir = self.resume_from.parent
+        else:
+            name = cfg.run_name or f"{cfg.preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            if self.dist.enabled:  # every rank writes to rank 0's folder name
+                holder = [name]
+                dist.broadcast_object_list(holder, src=0)
+                name = holder[0]
+            self.dir = experiments_dir() / stage / name
+            if (self.dir / CKPT_NAME).exists():
+                raise UserError(f"{self.dir} already holds a run; continue it with --resume auto "
+                                f"--run-name {name}, or pick another --run-name")
+        self.ckpt_path = self.dir / CKPT_NAME
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.is_main = self.dist.is_main
+        self.step = 0
+        self.stop_reason = ""
+        self._sums: dict[str, float | torch.Tensor] = {}
+        self._count = 0
+        self._t0 = time.monotonic()
+        self._bar = None
+        self._old_handlers = {}
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    # ---------------------------------------------------------------------------------------------------
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        if self._bar is not None:
+            self._bar.close()
+        if self.is_main and exc_type is None:
+            plot_curves(read_metrics(self.metrics_path), self.dir / "loss.png", title=self.stage)
+            how = f"stopped early ({self.stop_reason})" if self.stop_reason else "finished"
+            print0(f"{self.stage}: {how} at step {self.step}; outputs in {self.dir}")
+            if self.stop_reason:
+                print0(f"continue with: python train.py --resume {self.ckpt_path}")
+        ddp_teardown()
+        return False
+
+    def _on_signal(self, signum, frame):
+        if self.stop_reason:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.stop_reason = signal.Signals(signum).name
+        print0(f"\n{self.stop_reason}: finishing step, saving a checkpoint and samples (again to abort)")
+
+    # ---------------------------------------------------------------------------------------------------
+    def restore(self, **objects) -> int:
+        """Load model/optimizer/EMA/... state and the RNG from ``--resume``; return the step reached."""
+        if self.resume_from is None:
+            return 0
+        ckpt = load_checkpoint(self.resume_from, self.stage)
+        for name, obj in objects.items():
+            if name not in ckpt:
+                raise UserError(f"{self.resume_from} holds no '{name}' state, so training can't resume from it")
+            try:
+                _unwrap(obj).load_state_dict(ckpt[name])
+            except (RuntimeError, ValueError, KeyError) as err:
+                first = str(err).strip().splitlines()[0]
+                raise UserError(f"{self.resume_from} does not fit this configuration ({first})") from None
+        self.step = int(ckpt["step"])
+        set_rng_state(ckpt["rng"])
+        if self.dist.enabled:  # ranks must not share noise after a resume
+            seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+        if self.is_main:  # forget what the interrupted run logged after its last checkpoint
+            kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        print0(f"resumed {self.resume_from} at step {self.step}")
+        return self.step
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to train with: compiled if ``--compile``, DDP-wrapped under torchrun."""
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def batches(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        """Endless ``(images, labels)`` batches in a seeded order, this rank's shard, from the resumed step."""
+        loader = make_loader(TensorImages(images, labels), batch_size, seed=self.cfg.seed)
+        return batches_from(loader, self.step)
+
+    def steps(self):
+        """Step numbers ``step+1 .. cfg.steps``, ending early on a signal, ``--max-minutes`` or ``--stop-at``."""
+        cfg = self.cfg
+        self._bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
+                         disable=not self.is_main, mininterval=0.5)
+        self._t0 = time.monotonic()
+        for step in range(self.step + 1, cfg.steps + 1):
+            yield step
+            self.step = step
+            self._bar.update(1)
+            if self._should_stop():
+                break
+
+    def _should_stop(self) -> bool:
+        cfg = self.cfg
+        if not self.stop_reason and cfg.max_minutes and time.monotonic() - self._t0 > 60 * cfg.max_minutes:
+            self.stop_reason = f"--max-minutes {cfg.max_minutes:g}"
+        if not self.stop_reason and cfg.stop_at and self.step >= cfg.stop_at:
+            self.stop_reason = f"--stop-at {cfg.stop_at}"
+        stop = bool(self.stop_reason)
+        if self.dist.enabled:  # ranks must stop at the same step
+            flag = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+            self.stop_reason = self.stop_reason or ("another rank stopped" if stop else "")
+        return stop
+
+    def every(self, n: int, step: int) -> bool:
+        return n > 0 and step % n == 0 and step != self.cfg.steps
+
+    def log(self, step: int, **scalars) -> None:
+        """Accumulate scalars (tensors stay on the device); every ``--log-every`` steps, average, check they
+        are finite, show them on the progress bar and append them to ``metrics.jsonl``."""
+        for key, value in scalars.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+        if step % self.cfg.log_every == 0:
+            self.flush(step)
+
+    def flush(self, step: int, **extra) -> dict:
+        """Write the averaged scalars now (plus ``extra`` values such as an evaluation score)."""
+        row = {k: float(v) / self._count for k, v in self._sums.items()} if self._count else {}
+        row.update({k: float(v) for k, v in extra.items()})
+        self._sums, self._count = {}, 0
+        bad = [k for k, v in row.items() if not math.isfinite(v)]
+        if bad:
+            kept = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "no checkpoint yet"
+            raise TrainingDiverged(f"{bad[0]} = {row[bad[0]]} at step {step}; {kept}")
+        if row and self.is_main:
+            if self._bar is not None:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(row.items())[:4]}, refresh=False)
+            row = {"step": step, **row, "time": round(time.monotonic() - self._t0, 2)}
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    # ---------------------------------------------------------------------------------------------------
+    def save_checkpoint(self, **objects) -> Path:
+        """Atomically write the state of ``objects`` (name -> module/optimizer/...), the RNG and provenance."""
+        self.flush(self.step)  # never save weights that a NaN has already reached
+        if self.is_main:
+            payload = provenance(self.stage, dataclasses.asdict(self.cfg), self.cfg.seed, self.step)
+            payload.update({name: _unwrap(obj).state_dict() for name, obj in objects.items()})
+            payload["rng"] = rng_state()
+            save_checkpoint(payload, self.ckpt_path)
+        return self.ckpt_path
+
+    def save_images(self, images: torch.Tensor, name: str, **kwargs) -> Path:
+        path = self.dir / "samples" / name
+        if self.is_main:
+            save_grid(images, path, **kwargs)
+        return path

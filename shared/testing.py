@@ -1,0 +1,75 @@
+"""Test helpers the stages share: README cross-references, exact resume, running a CLI as a user would."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from shared import REPO_ROOT
+
+REFERENCE = re.compile(r"`([\w/]+\.py)::([\w.]+)`")
+
+
+def missing_readme_references(stage_dir: Path) -> list[str]:
+    """Every ``file.py::name`` (or ``file.py::Class.method``) in the stage README that is not defined."""
+    readme = (stage_dir / "README.md").read_text()
+    missing = []
+    for file, name in sorted(set(REFERENCE.findall(readme))):
+        path = stage_dir / file
+        if not path.is_file():
+            missing.append(f"{file}::{name} (no such file)")
+            continue
+        tree = ast.parse(path.read_text())
+        scope, found = tree.body, True
+        for part in name.split("."):
+            hits = [n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                    and n.name == part]
+            hits += [n for n in scope if isinstance(n, (ast.Assign, ast.AnnAssign)) and part in
+                     {t.id for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                      if isinstance(t, ast.Name)}]
+            if not hits:
+                found = False
+                break
+            scope = getattr(hits[0], "body", [])
+        if not found:
+            missing.append(f"{file}::{name}")
+    return missing
+
+
+def checkpoints_equal(a: dict, b: dict, keys=("model",)) -> bool:
+    """Bitwise equality of the tensors under ``keys`` of two checkpoints."""
+    for key in keys:
+        sa, sb = a[key], b[key]
+        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    return True
+
+
+def run_interrupted_and_straight(main, cfg, stop_at: int, experiments: Path) -> tuple[dict, dict]:
+    """Train ``cfg`` once straight through, and once stopped at ``stop_at`` then resumed with ``--resume``.
+
+    Returns both final checkpoints (loaded with ``weights_only=True``) for the caller to compare.
+    """
+    os.environ["SCRATCHGEN_EXPERIMENTS"] = str(experiments)
+    main(dataclasses.replace(cfg, run_name="straight"))
+    main(dataclasses.replace(cfg, run_name="resumed", stop_at=stop_at))
+    main(dataclasses.replace(cfg, run_name="resumed", resume="auto"))
+    stage = next(experiments.iterdir()).name
+    load = lambda name: torch.load(experiments / stage / name / "ckpt.pt", weights_only=True)  # noqa: E731
+    return load("straight"), load("resumed")
+
+
+def run_script(script: Path, *args: str, experiments: Path | None = None, timeout: float = 120):
+    """Run ``python script args...`` from the script's folder, as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    if experiments is not None:
+        env["SCRATCHGEN_EXPERIMENTS"] = str(experiments)
+    return subprocess.run([sys.executable, str(script), *args], cwd=script.parent, env=env,
+                          capture_output=True, text=True, timeout=timeout)
