@@ -51,9 +51,9 @@ def _smoke(stage):
             npz = os.path.join(tmp, "samples.npz")
             session.run(PY, "sample.py", "--ckpt", os.path.join(tmp, stage, "smoke", "ckpt.pt"),
                         "--num-samples", "16", "--out", npz, "--device", "cpu", env=env, external=True)
-            session.run(PY, "-c", "import numpy as np, sys; x = np.load(sys.argv[1])['images']; "
-                        "assert x.dtype == np.uint8 and x.shape[0] == 16, (x.dtype, x.shape); print('samples', x.shape)",
-                        npz, external=True)
+            check = ("import numpy as np, sys; x = np.load(sys.argv[1])['images']; "
+                     "assert x.dtype == np.uint8 and x.shape[0] == 16, (x.dtype, x.shape); print('samples', x.shape)")
+            session.run(PY, "-c", check, npz, external=True)
 
 
 for _stage in STAGES:

@@ -107,8 +107,8 @@ def validate(cfg) -> None:
 
 def parse_config(config_cls, presets: dict, stage: str, argv: list[str] | None = None,
                  description: str = ""):
-    from shared.experiment import resolve_resume  # late import: experiment imports this module
     from shared.checkpoint import load_checkpoint
+    from shared.experiment import resolve_resume  # late import: experiment imports this module
 
     given = vars(build_parser(config_cls, presets, description).parse_args(argv))
     cfg = config_from_preset(config_cls, presets, given.get("preset", "default"))

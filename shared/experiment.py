@@ -41,8 +41,7 @@ from shared.checkpoint import load_checkpoint, provenance, save_checkpoint
 from shared.cli import TrainingDiverged
 from shared.data import TensorImages, batches_from, make_loader
 from shared.images import plot_curves, read_metrics, save_grid
-from shared.runtime import (choose_device, ddp_setup, ddp_teardown, print0, rng_state, seed_everything,
-                            set_rng_state)
+from shared.runtime import choose_device, ddp_setup, ddp_teardown, print0, rng_state, seed_everything, set_rng_state
 
 CKPT_NAME = "ckpt.pt"
 
