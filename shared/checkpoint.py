@@ -75,8 +75,10 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln] or ["unsafe content"]
-        raise UserError(f"refusing to load {path}: not a plain-data checkpoint ({lines[0]})") from None
+        unsafe = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln.upper().split(" ")]
+        if unsafe:
+            raise UserError(f"refusing to load {path}: not a plain-data checkpoint ({unsafe[0]})") from None
+        raise UserError(f"{path} is not a readable checkpoint (UnpicklingError)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt:

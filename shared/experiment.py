@@ -196,8 +196,8 @@ class Run:
                          disable=not self.is_main, mininterval=0.5)
         self._t0 = time.monotonic()
         for step in range(self.step + 1, cfg.steps + 1):
-            yield step
             self.step = step
+            yield step
             self._bar.update(1)
             if self._should_stop():
                 break

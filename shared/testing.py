@@ -43,13 +43,19 @@ def missing_readme_references(stage_dir: Path) -> list[str]:
     return missing
 
 
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def checkpoints_equal(a: dict, b: dict, keys=("model",)) -> bool:
-    """Bitwise equality of the tensors under ``keys`` of two checkpoints."""
-    for key in keys:
-        sa, sb = a[key], b[key]
-        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
-            return False
-    return True
+    """Bitwise equality of everything (tensors, nested optimizer state) under ``keys`` of two checkpoints."""
+    return all(_same(a[key], b[key]) for key in keys)
 
 
 def run_interrupted_and_straight(main, cfg, stop_at: int, experiments: Path) -> tuple[dict, dict]:

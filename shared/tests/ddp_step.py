@@ -1,0 +1,19 @@
+"""Run by torchrun in test_runtime.py: one DDP step where each rank sees different data."""
+
+import sys
+
+import torch
+
+from shared.runtime import ddp_setup, ddp_teardown, seed_everything
+
+dist_info = ddp_setup()
+seed_everything(0)  # the same initial weights on every rank
+model = torch.nn.Linear(4, 1)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+x = torch.arange(8.0).reshape(2, 4) + 10 * dist_info.rank  # each rank its own batch
+loss = ddp(x).pow(2).mean()
+loss.backward()
+torch.optim.SGD(model.parameters(), lr=0.01).step()
+torch.save({"rank": dist_info.rank, "world": dist_info.world_size,
+            "weight": model.weight.detach(), "bias": model.bias.detach()}, f"{sys.argv[1]}/rank{dist_info.rank}.pt")
+ddp_teardown()

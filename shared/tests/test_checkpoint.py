@@ -1,0 +1,88 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from shared import UserError, checkpoint
+from shared.checkpoint import export_weights, load_checkpoint, provenance, save_checkpoint
+
+
+def _payload(value: float) -> dict:
+    return {**provenance("00_toy", {"lr": 0.1}, seed=1, step=5), "model": {"w": torch.full((3,), value)}}
+
+
+def test_roundtrip_carries_provenance(tmp_path):
+    path = save_checkpoint(_payload(1.0), tmp_path / "ckpt.pt")
+    ckpt = load_checkpoint(path, "00_toy")
+    assert ckpt["config"] == {"lr": 0.1} and ckpt["seed"] == 1 and ckpt["step"] == 5
+    assert ckpt["git_hash"] and ckpt["torch_version"] == str(torch.__version__)
+    assert torch.equal(ckpt["model"]["w"], torch.ones(3))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(_payload(1.0), tmp_path / "ckpt.pt")
+
+    def dies_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_payload(2.0), path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was cleaned up
+
+
+def test_killed_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(_payload(1.0), path)
+    writer = ("import sys, torch; from shared.checkpoint import save_checkpoint\n"
+              "big = {'stage': '00_toy', 'model': {'w': torch.zeros(64_000_000)}}\n"  # 256 MB: takes a while
+              "print('saving', flush=True)\n"
+              "while True: save_checkpoint(big, sys.argv[1])\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saving"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    w = load_checkpoint(path)["model"]["w"]  # the old file, or a complete new one: never a torn one
+    assert w.shape in {(3,), (64_000_000,)}
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_code_executing_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"stage": "00_toy", "model": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="refusing to load"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_bad_checkpoints_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a ScratchGen checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    save_checkpoint(_payload(1.0), tmp_path / "toy.pt")
+    with pytest.raises(UserError, match="stage 00_toy, not 01_vae"):
+        load_checkpoint(tmp_path / "toy.pt", "01_vae")
+
+
+def test_export_keeps_one_set_of_weights(tmp_path):
+    ckpt = {**_payload(1.0), "ema": {"w": torch.full((3,), 0.5)}, "optimizer": {"state": {}}}
+    path = export_weights(ckpt, tmp_path / "mnist.pt", half=True)
+    small = load_checkpoint(path, "00_toy")
+    assert "optimizer" not in small and small["model"]["w"].dtype == torch.float16
+    assert torch.equal(small["model"]["w"].float(), torch.full((3,), 0.5))  # EMA weights by default

@@ -1,0 +1,60 @@
+import gzip
+import hashlib
+
+import pytest
+import torch
+
+from shared import UserError, data
+from shared.data import MNIST_FILES, TensorImages, batches_from, binarize, load_images, make_loader, to_symmetric
+
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_bundled_mnist_is_the_original():
+    raw = data.DATA_ROOT / "MNIST" / "raw"
+    for name, md5 in MNIST_FILES.items():
+        with gzip.open(raw / f"{name}.gz", "rb") as f:
+            assert hashlib.md5(f.read()).hexdigest() == md5, name
+
+
+@pytest.mark.parametrize("train,n,counts", [(True, 60000, TRAIN_COUNTS), (False, 10000, TEST_COUNTS)])
+def test_mnist_loads_with_standard_sizes_and_label_counts(train, n, counts):
+    images, labels = load_images("mnist", train=train)
+    assert images.shape == (n, 1, 28, 28) and images.dtype == torch.uint8
+    assert torch.bincount(labels, minlength=10).tolist() == counts
+    assert 0 < images.float().mean() < 255
+
+
+def test_offline_download_is_one_clear_error(monkeypatch, tmp_path):
+    import torchvision.datasets as tvd
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(tvd, "FashionMNIST", offline)
+    with pytest.raises(UserError, match="FashionMNIST/raw"):
+        load_images("fashion-mnist", root=tmp_path)
+    with pytest.raises(UserError, match="unknown dataset"):
+        load_images("imagenet")
+
+
+def test_transforms():
+    x = torch.tensor([0, 255], dtype=torch.uint8)
+    assert to_symmetric(x).tolist() == [-1.0, 1.0]
+    grey = torch.full((20000,), 64, dtype=torch.uint8)
+    b = binarize(grey, torch.Generator().manual_seed(0))
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    assert abs(b.mean().item() - 64 / 255) < 0.015  # Bernoulli with the grey level as probability
+    assert not torch.equal(b, binarize(grey, torch.Generator().manual_seed(1)))  # a fresh draw each time
+
+
+def test_loader_resumes_mid_stream():
+    images, labels = data.synthetic_images(40)
+    loader = make_loader(TensorImages(images, labels), batch_size=8, seed=3)
+    stream = batches_from(loader)
+    straight = [next(stream)[1] for _ in range(12)]
+    resumed = batches_from(loader, step=7)  # 5 batches per epoch: starts in the second epoch
+    for expected in straight[7:]:
+        assert torch.equal(next(resumed)[1], expected)
+    assert not torch.equal(straight[0], straight[5])  # epochs are reshuffled

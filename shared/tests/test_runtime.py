@@ -1,0 +1,68 @@
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared import UserError
+from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.runtime import autocast, choose_device, rng_state, seed_everything, set_rng_state
+
+
+def _draw():
+    return random.random(), float(np.random.rand()), torch.randn(3)
+
+
+def test_same_seed_same_numbers():
+    seed_everything(7)
+    a = _draw()
+    seed_everything(7)
+    b = _draw()
+    seed_everything(8)
+    c = _draw()
+    assert a[:2] == b[:2] and torch.equal(a[2], b[2])
+    assert a[0] != c[0] and not torch.equal(a[2], c[2])
+
+
+def test_rng_state_survives_a_safe_checkpoint(tmp_path):
+    seed_everything(1)
+    _draw()
+    save_checkpoint({"stage": "00_toy", "rng": rng_state()}, tmp_path / "ckpt.pt")
+    expected = _draw()
+    seed_everything(99)
+    set_rng_state(load_checkpoint(tmp_path / "ckpt.pt")["rng"])
+    got = _draw()
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_devices_and_autocast():
+    assert choose_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="unknown device"):
+        choose_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            choose_device("cuda")
+    with autocast(torch.device("cpu"), enabled=True):  # off on CPU: float32 stays float32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_torchrun_all_reduces_gradients(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(Path(__file__).parent / "ddp_step.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world"] == 2 and torch.equal(r0["weight"], r1["weight"]) and torch.equal(r0["bias"], r1["bias"])
+    # The all-reduced step equals one step on both ranks' batches together (the mean of the two gradients).
+    seed_everything(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.cat([torch.arange(8.0).reshape(2, 4) + 10 * r for r in (0, 1)])
+    model(x).pow(2).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    assert torch.allclose(r0["weight"], model.weight.detach(), atol=1e-6)
