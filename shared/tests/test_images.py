@@ -1,0 +1,38 @@
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.images import plot_curves, save_gif, save_grid, save_samples_npz, to_uint8
+
+
+def test_to_uint8_maps_the_range_and_clamps():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0])
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255]
+    assert to_uint8(torch.tensor([0.0, 0.5, 1.0]), (0.0, 1.0)).tolist() == [0, 128, 255]
+
+
+def test_grid_has_the_expected_size(tmp_path):
+    path = save_grid(torch.zeros(12, 1, 28, 28), tmp_path / "grid.png", nrow=4)
+    width, height = Image.open(path).size
+    assert (width, height) == (4 * 30 + 2, 3 * 30 + 2)  # 2-pixel padding around every image
+
+
+def test_gif_has_one_frame_per_step(tmp_path):
+    frames = [torch.full((4, 1, 28, 28), v) for v in (-1.0, 0.0, 1.0)]
+    gif = Image.open(save_gif(frames, tmp_path / "t.gif", nrow=2))
+    assert gif.n_frames == 3
+
+
+def test_samples_npz_is_uint8_with_labels(tmp_path):
+    images = torch.rand(5, 1, 28, 28) * 2 - 1
+    path = save_samples_npz(tmp_path / "s.npz", images, torch.arange(5))
+    with np.load(path) as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (5, 1, 28, 28)
+        assert f["labels"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_loss_curve_is_written(tmp_path):
+    rows = [{"step": s, "loss": 1 / s, "time": 0.1} for s in range(1, 20)]
+    path = plot_curves(rows, tmp_path / "loss.png")
+    assert path.exists() and Image.open(path).size[0] > 100
+    assert plot_curves([], tmp_path / "none.png") is None
