@@ -56,6 +56,22 @@ def _smoke(stage):
             session.run(PY, "-c", check, npz, external=True)
 
 
+@nox.session(name="bench", venv_backend="none")
+def bench(session):
+    """Throughput of every stage (not part of `nox`): CPU, and the CUDA variants when a GPU is present."""
+    session.chdir(ROOT)
+    out = ROOT / "experiments" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    session.run(PY, "benchmarks/bench.py", "--json", str(out / "cpu.json"), *session.posargs, external=True)
+    import torch
+
+    if torch.cuda.is_available():
+        for extra in ([], ["--amp"], ["--amp", "--compile"]):
+            name = "cuda" + "".join(extra).replace("--", "-")
+            session.run(PY, "benchmarks/bench.py", "--device", "cuda", *extra, "--json", str(out / f"{name}.json"),
+                        *session.posargs, external=True)
+
+
 for _stage in STAGES:
     _tests(_stage)
     if (ROOT / _stage / "train.py").exists():

@@ -1,0 +1,106 @@
+"""Training and sampling throughput of every stage, measured through the stages' own CLIs.
+
+    python benchmarks/bench.py                         # every stage, default preset sizes, CPU
+    python benchmarks/bench.py --device cuda --amp --compile --preset full
+    nox -s bench                                       # the same, CPU and (when present) CUDA variants
+
+Training: ``train.py --steps N`` with logging every step; images/s comes from the timestamps in
+``metrics.jsonl`` after the first ``--warmup`` steps (so start-up, data loading and compilation are not
+counted). Sampling: ``sample.py`` is timed at two sample counts and the difference is divided by the
+difference in counts, which cancels the process start-up. For stages whose sampler takes ``--steps``, the
+sampling time is also measured at several numbers of network evaluations. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def bench_stage(stage: str, args, tmp: Path) -> dict:
+    cwd, env = ROOT / stage, {**os.environ, "SCRATCHGEN_EXPERIMENTS": str(tmp), "PYTHONPATH": str(ROOT)}
+    name = f"bench-{args.device}{'-amp' if args.amp else ''}{'-compile' if args.compile else ''}"
+    flags = ["--preset", args.preset, "--steps", str(args.steps), "--log-every", "1", "--sample-every", "0",
+             "--ckpt-every", "0", "--device", args.device, "--run-name", name]
+    flags += ["--amp"] if args.amp else []
+    flags += ["--compile"] if args.compile else []
+    run([sys.executable, "train.py", *flags], cwd, env)
+    run_dir = tmp / stage / name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time" in r and r["step"] >= args.warmup]
+    batch = json.loads((run_dir / "config.json").read_text())["batch_size"]
+    steps_per_s = (rows[-1]["step"] - rows[0]["step"]) / max(rows[-1]["time"] - rows[0]["time"], 1e-9)
+    result = {"stage": stage, "device": args.device, "amp": args.amp, "compile": args.compile,
+              "preset": args.preset, "batch_size": batch, "train_images_per_s": round(steps_per_s * batch, 1)}
+
+    ckpt = str(run_dir / "ckpt.pt")
+    has_steps = "--steps" in subprocess.run([sys.executable, "sample.py", "--help"], cwd=cwd, env=env,
+                                            capture_output=True, text=True).stdout
+    small, large = args.samples // 4, args.samples
+
+    def per_image(extra: list[str]) -> float:
+        times = [run([sys.executable, "sample.py", "--ckpt", ckpt, "--num-samples", str(n), "--device", args.device,
+                      "--out", str(tmp / f"{stage}.npz"), *extra], cwd, env) for n in (small, large)]
+        return (times[1] - times[0]) / (large - small)
+
+    result["sample_ms_per_image"] = round(1000 * per_image([]), 3)
+    if has_steps:
+        result["sample_ms_per_image_by_nfe"] = {s: round(1000 * per_image(["--steps", str(s)]), 3)
+                                                for s in args.nfe}
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="*", default=None, help="stage folders (default: all)")
+    parser.add_argument("--preset", default="default", choices=("smoke", "default", "full"),
+                        help="model sizes to measure")
+    parser.add_argument("--steps", type=int, default=30, help="training steps to time")
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
+    parser.add_argument("--samples", type=int, default=64, help="samples drawn for the sampling time")
+    parser.add_argument("--nfe", type=int, nargs="*", default=[10, 50], help="sampler steps to time")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile")
+    parser.add_argument("--json", default="", help="where to write the results (default: print only)")
+    args = parser.parse_args()
+    if args.steps <= args.warmup + 1 or args.samples < 8:
+        parser.error("--steps must exceed --warmup + 1 and --samples must be at least 8")
+    stages = args.stages or sorted(p.name for p in ROOT.glob("[0-9][0-9]_*") if (p / "train.py").exists())
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for stage in stages:
+            try:
+                results.append(bench_stage(stage, args, Path(tmp)))
+            except RuntimeError as err:
+                results.append({"stage": stage, "error": str(err).splitlines()[0]})
+            print(json.dumps(results[-1]), flush=True)
+    print(f"\n{'stage':15s} {'device':8s} {'amp':4s} {'compile':8s} {'train img/s':>12s} {'sample ms/img':>14s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['stage']:15s} error: {r['error']}")
+            continue
+        print(f"{r['stage']:15s} {r['device']:8s} {str(r['amp'])[0]:4s} {str(r['compile'])[0]:8s} "
+              f"{r['train_images_per_s']:12.1f} {r['sample_ms_per_image']:14.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
