@@ -66,6 +66,12 @@ def config_from_preset(config_cls, presets: dict, preset: str = "default", **ove
     return config_cls(**{**presets[preset], "preset": preset, **overrides})
 
 
+def _one_line_error(message: str):
+    """Replaces ``ArgumentParser.error``: one line and exit code 2, not argparse's usage block."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -75,6 +81,7 @@ def build_parser(config_cls, presets: dict, description: str) -> argparse.Argume
         f"  {name:8s} " + " ".join(f"{_flag(k)} {v}" for k, v in values.items()) for name, values in presets.items())
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = _one_line_error
     defaults = config_cls()
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
@@ -143,7 +150,8 @@ def train_entry(main: Callable, config_cls, presets: dict, stage: str, descripti
 
 
 def add_sample_args(parser: argparse.ArgumentParser, num_samples: int = 64) -> argparse.ArgumentParser:
-    """The flags every sample.py shares."""
+    """The flags every sample.py shares (and one-line errors for bad flags)."""
+    parser.error = _one_line_error
     parser.add_argument("--ckpt", default="", help="checkpoint to sample from (default: this stage's newest "
                         "run, else pretrained/mnist.pt)")
     parser.add_argument("--num-samples", type=int, default=num_samples, help="how many images to draw")

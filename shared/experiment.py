@@ -116,7 +116,7 @@ class Run:
         self.step = 0
         self.stop_reason = ""
         self._sums: dict[str, float | torch.Tensor] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}
         self._t0 = time.monotonic()
         self._bar = None
         self._old_handlers = {}
@@ -225,15 +225,15 @@ class Run:
         for key, value in scalars.items():
             value = value.detach().float() if torch.is_tensor(value) else float(value)
             self._sums[key] = self._sums.get(key, 0.0) + value
-        self._count += 1
+            self._counts[key] = self._counts.get(key, 0) + 1  # per key: some scalars are logged only now and then
         if step % self.cfg.log_every == 0:
             self.flush(step)
 
     def flush(self, step: int, **extra) -> dict:
         """Write the averaged scalars now (plus ``extra`` values such as an evaluation score)."""
-        row = {k: float(v) / self._count for k, v in self._sums.items()} if self._count else {}
+        row = {k: float(v) / self._counts[k] for k, v in self._sums.items()}
         row.update({k: float(v) for k, v in extra.items()})
-        self._sums, self._count = {}, 0
+        self._sums, self._counts = {}, {}
         bad = [k for k, v in row.items() if not math.isfinite(v)]
         if bad:
             kept = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "no checkpoint yet"

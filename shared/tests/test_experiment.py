@@ -105,3 +105,19 @@ def test_sigint_saves_and_exits_cleanly(tmp_path):
     ckpt = torch.load(tmp_path / "00_toy/sig/ckpt.pt", weights_only=True)
     assert 5 <= ckpt["step"] < 100000 and "stopped early (SIGINT)" in out
     assert (tmp_path / "00_toy/sig/samples/final.png").exists()
+
+
+def test_scalars_logged_now_and_then_are_averaged_over_their_own_steps(smoke, tmp_path):
+    from shared.experiment import Run
+
+    cfg = dataclasses.replace(smoke, run_name="avg", log_every=4, steps=4)
+    with Run("00_toy", cfg) as run:
+        for step in run.steps():
+            run.log(step, loss=float(step), **({"rare": 10.0} if step == 2 else {}))
+    row = json.loads((tmp_path / "00_toy/avg/metrics.jsonl").read_text())
+    assert row["loss"] == 2.5 and row["rare"] == 10.0
+
+
+def test_a_bad_choice_is_one_line(tmp_path):
+    proc = run_script(TOY, "--device", "tpu", experiments=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "invalid choice" in proc.stderr
