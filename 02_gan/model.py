@@ -1,0 +1,187 @@
+"""The two players of a GAN: the paper's MLP generator and maxout discriminator (Goodfellow et al. 2014, §5),
+and the convolutional pair of DCGAN (Radford et al. 2015, §3-4), each at a few named sizes.
+
+Every discriminator returns the *logit* a of D(x) = sigmoid(a); the losses in gan.py take logits so that
+log D and log(1 - D) stay finite when D is confident.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+IMAGE_SHAPE = (1, 28, 28)
+IMAGE_DIM = math.prod(IMAGE_SHAPE)  # 784
+
+
+@dataclass
+class GANConfig:
+    arch: str = "mlp"          # mlp (the paper) | dcgan (Radford et al.)
+    z_dim: int = 100           # dimension of the noise z ~ p_z
+    noise: str = "gaussian"    # p_z: gaussian N(0, I) | uniform U(-sqrt 3, sqrt 3)^d (both unit variance)
+    g_hidden: int = 1200       # mlp: width of the generator's two ReLU layers
+    d_units: int = 240         # mlp: maxout units per discriminator layer
+    d_pieces: int = 5          # mlp: linear pieces per maxout unit
+    d_keep_in: float = 0.8     # mlp: dropout keep-probability on the discriminator's input
+    d_keep: float = 0.5        # mlp: keep-probability on the inputs of its later layers
+    width: int = 64            # dcgan: channels of the widest layer is 2 * width
+
+
+# Named sizes: "paper" is the MNIST network of the authors' released configuration (mnist.yaml).
+SIZES = {
+    "mlp": {
+        "tiny": dict(g_hidden=64, d_units=32, d_pieces=2),
+        "small": dict(g_hidden=512, d_units=128, d_pieces=3),
+        "paper": dict(g_hidden=1200, d_units=240, d_pieces=5),
+    },
+    "dcgan": {
+        "tiny": dict(width=4),
+        "small": dict(width=16),
+        "paper": dict(width=64),
+    },
+}
+
+
+def model_config(arch: str, size: str, **overrides) -> GANConfig:
+    return GANConfig(arch=arch, **{**SIZES[arch][size], **overrides})
+
+
+def sample_noise(n: int, cfg: GANConfig, device="cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    """z ~ p_z(z), shape (n, z_dim)."""
+    if cfg.noise == "uniform":
+        u = torch.rand(n, cfg.z_dim, generator=generator, device=device)
+        return (2 * u - 1) * math.sqrt(3)
+    return torch.randn(n, cfg.z_dim, generator=generator, device=device)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The paper's MNIST pair: ReLU/sigmoid MLP generator, maxout + dropout discriminator
+# --------------------------------------------------------------------------------------------------------
+
+class Maxout(nn.Module):
+    """h_i = max_j (W x + b)_{i,j}: each of `units` outputs is the max of `pieces` linear functions."""
+
+    def __init__(self, d_in: int, units: int, pieces: int):
+        super().__init__()
+        self.units, self.pieces = units, pieces
+        self.linear = nn.Linear(d_in, units * pieces)
+
+    def forward(self, x):
+        h = self.linear(x)  # (B, units * pieces)
+        return h.view(-1, self.units, self.pieces).amax(dim=2)  # (B, units)
+
+
+class MLPGenerator(nn.Module):
+    """G(z): z (B, z_dim) -> ReLU -> ReLU -> sigmoid -> images (B, 1, 28, 28) in [0, 1]."""
+
+    value_range = (0.0, 1.0)
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net = nn.Sequential(
+            nn.Linear(cfg.z_dim, cfg.g_hidden), nn.ReLU(),
+            nn.Linear(cfg.g_hidden, cfg.g_hidden), nn.ReLU(),
+            nn.Linear(cfg.g_hidden, IMAGE_DIM),
+        )
+        for m in self.net:  # the released configuration: uniform(-0.05, 0.05) weights, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -0.05, 0.05)
+                nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def init_output_bias(self, mean_image: torch.Tensor) -> None:
+        """Start the sigmoid layer at the data's pixel marginals: b = logit(mean pixel)."""
+        p = mean_image.flatten().clamp(1e-3, 1 - 1e-3)
+        self.net[-1].bias.copy_(torch.log(p / (1 - p)))
+
+    def forward(self, z):
+        return torch.sigmoid(self.net(z)).view(-1, *IMAGE_SHAPE)  # (B, 1, 28, 28)
+
+
+class MaxoutDiscriminator(nn.Module):
+    """D(x): images -> dropout -> maxout -> dropout -> maxout -> dropout -> linear -> logit (B,)."""
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(1 - cfg.d_keep_in), Maxout(IMAGE_DIM, cfg.d_units, cfg.d_pieces),
+            nn.Dropout(1 - cfg.d_keep), Maxout(cfg.d_units, cfg.d_units, cfg.d_pieces),
+            nn.Dropout(1 - cfg.d_keep), nn.Linear(cfg.d_units, 1),
+        )
+        for m in self.modules():  # the released configuration: uniform(-0.005, 0.005)
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -0.005, 0.005)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)  # (B,) logits
+
+
+# --------------------------------------------------------------------------------------------------------
+# DCGAN: transposed-conv generator, strided-conv discriminator, batch norm, no pooling, no hidden FC layers
+# --------------------------------------------------------------------------------------------------------
+
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN §4: all weights from N(0, 0.02); batch-norm scales from N(1, 0.02), shifts zero."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class DCGANGenerator(nn.Module):
+    """G(z): z (B, z_dim) -> (B, 4w, 7, 7) -> (B, 2w, 14, 14) -> (B, 1, 28, 28) in [-1, 1] (tanh)."""
+
+    value_range = (-1.0, 1.0)
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        self.cfg, w = cfg, cfg.width
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(cfg.z_dim, 4 * w, 7, 1, 0, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),  # 7x7
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),      # 14x14
+            nn.ConvTranspose2d(2 * w, 1, 4, 2, 1), nn.Tanh(),                                              # 28x28
+        )
+        dcgan_init(self)
+
+    def forward(self, z):
+        return self.net(z[:, :, None, None])  # (B, 1, 28, 28)
+
+
+class DCGANDiscriminator(nn.Module):
+    """D(x): (B, 1, 28, 28) -> (B, w, 14, 14) -> (B, 2w, 7, 7) -> logit (B,); LeakyReLU(0.2)."""
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        w = cfg.width
+        self.net = nn.Sequential(
+            nn.Conv2d(1, w, 4, 2, 1), nn.LeakyReLU(0.2),                                          # no BN at input
+            nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * w, 1, 7, 1, 0),                                                         # (B, 1, 1, 1)
+        )
+        dcgan_init(self)
+
+    def forward(self, x):
+        return self.net(x).flatten()  # (B,) logits
+
+
+def build_gan(cfg: GANConfig) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for ``cfg.arch``."""
+    if cfg.arch == "mlp":
+        return MLPGenerator(cfg), MaxoutDiscriminator(cfg)
+    if cfg.arch == "dcgan":
+        return DCGANGenerator(cfg), DCGANDiscriminator(cfg)
+    raise ValueError(f"unknown arch {cfg.arch!r}")
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,60 @@
+"""Networks: shapes, output ranges, parameter counts of the named sizes, maxout, dropout, DCGAN init."""
+
+import pytest
+import torch
+from model import SIZES, Maxout, build_gan, count_params, model_config, sample_noise
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_shapes_and_ranges(arch, size):
+    cfg = model_config(arch, size)
+    G, D = build_gan(cfg)
+    x = G(sample_noise(5, cfg))
+    assert x.shape == (5, 1, 28, 28)
+    lo, hi = G.value_range
+    assert x.min() >= lo and x.max() <= hi
+    assert D(x).shape == (5,)
+
+
+def test_paper_mlp_parameter_counts():
+    G, D = build_gan(model_config("mlp", "paper"))
+    # G: 100 -> 1200 -> 1200 -> 784; D: maxout 784 -> 240x5, maxout 240 -> 240x5, 240 -> 1
+    assert count_params(G) == (100 * 1200 + 1200) + (1200 * 1200 + 1200) + (1200 * 784 + 784) == 2_503_984
+    assert count_params(D) == (784 * 1200 + 1200) + (240 * 1200 + 1200) + (240 + 1) == 1_231_441
+
+
+def test_dcgan_parameter_counts_and_init():
+    w = SIZES["dcgan"]["paper"]["width"]
+    G, D = build_gan(model_config("dcgan", "paper"))
+    assert count_params(G) == (100 * 4 * w * 49 + 2 * 4 * w) + (4 * w * 2 * w * 16 + 2 * 2 * w) + (2 * w * 16 + 1)
+    assert count_params(D) == (16 * w + w) + (w * 2 * w * 16 + 2 * 2 * w) + (2 * w * 49 + 1)
+    conv = G.net[3].weight
+    assert abs(conv.std().item() - 0.02) < 0.002 and abs(conv.mean().item()) < 0.002  # N(0, 0.02), DCGAN §4
+    bn = G.net[1].weight
+    assert abs(bn.mean().item() - 1) < 0.01 and bn.std().item() < 0.05
+
+
+def test_maxout_is_max_of_pieces():
+    layer = Maxout(6, units=4, pieces=3)
+    x = torch.randn(2, 6)
+    pieces = (x @ layer.linear.weight.T + layer.linear.bias).view(2, 4, 3)
+    assert torch.equal(layer(x), pieces.max(dim=2).values)
+
+
+def test_discriminator_dropout_only_in_training():
+    cfg = model_config("mlp", "tiny")
+    _, D = build_gan(cfg)
+    torch.nn.init.normal_(D.net[2].linear.weight)
+    x = torch.rand(4, 1, 28, 28)
+    assert not torch.equal(D(x), D(x))  # dropout: two passes differ
+    D.eval()
+    assert torch.equal(D(x), D(x))
+
+
+def test_noise_priors_have_unit_variance():
+    for noise in ("gaussian", "uniform"):
+        z = sample_noise(20000, model_config("mlp", "tiny", noise=noise), generator=torch.Generator().manual_seed(0))
+        assert abs(z.var().item() - 1) < 0.03 and abs(z.mean().item()) < 0.02
+    u = sample_noise(1000, model_config("mlp", "tiny", noise="uniform"))
+    assert u.abs().max() <= 3 ** 0.5

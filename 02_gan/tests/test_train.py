@@ -1,0 +1,186 @@
+"""Algorithm 1 in train.py: who each step updates, learning, exact resume, and the command lines."""
+
+
+import numpy as np
+import pytest
+import torch
+from model import GANConfig, build_gan, model_config
+from train import PRESETS, STAGE, TrainConfig, discriminator_step, generator_step, main, make_optimizer
+
+from shared import UserError
+from shared.checkpoint import provenance, save_checkpoint
+from shared.cli import config_from_preset, parse_config
+from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+
+STAGE_DIR = __import__("pathlib").Path(__file__).parents[1]
+
+
+def smoke(**overrides):
+    return config_from_preset(TrainConfig, PRESETS, "smoke", device="cpu", **overrides)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCRATCHGEN_EXPERIMENTS", str(root))
+    main(smoke(run_name="fixture", steps=20))
+    yield root / STAGE / "fixture"
+    mp.undo()
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return [not torch.equal(a, b) for a, b in zip(before, module.parameters())]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_each_step_updates_only_its_player(arch):
+    torch.manual_seed(0)
+    gan_cfg = model_config(arch, "tiny")
+    G, D = build_gan(gan_cfg)
+    cfg = TrainConfig(arch=arch, size="tiny", lr=1e-3)
+    opt_g, opt_d = make_optimizer(G.parameters(), cfg), make_optimizer(D.parameters(), cfg)
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    g0, d0 = snapshot(G), snapshot(D)
+    discriminator_step(G, D, opt_d, x, gan_cfg)
+    assert not any(changed(g0, G)) and all(changed(d0, D))
+    g0, d0 = snapshot(G), snapshot(D)
+    generator_step(G, D, opt_g, 8, gan_cfg, "nonsaturating", "cpu", measure=True)
+    assert all(changed(g0, G)) and not any(changed(d0, D))
+    assert all(p.requires_grad for p in D.parameters())  # D is handed back trainable
+
+
+def test_discriminator_learns_to_separate_a_tiny_batch():
+    torch.manual_seed(0)
+    gan_cfg = model_config("mlp", "tiny")
+    G, D = build_gan(gan_cfg)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3)
+    x = torch.rand(16, 1, 28, 28).round()  # a fixed batch of binary "images"; G stays at its init
+    first = discriminator_step(G, D, opt_d, x, gan_cfg)
+    for _ in range(150):
+        last = discriminator_step(G, D, opt_d, x, gan_cfg)
+    assert first["d_loss"] == pytest.approx(np.log(4), abs=0.01)  # D = 1/2 at init: V = -log 4
+    assert last["d_loss"] < 0.2 and last["d_real"] > 0.9 and last["d_fake"] < 0.1
+
+
+def test_generator_fits_a_1d_gaussian():
+    """The game's fixed point is p_g = p_data: a linear G learns N(3, 0.5^2) from N(0, 1) noise."""
+    torch.manual_seed(0)
+    gan_cfg = GANConfig(z_dim=1)
+    G = torch.nn.Linear(1, 1)
+    D = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.LeakyReLU(0.2), torch.nn.Linear(32, 1),
+                            torch.nn.Flatten(0))
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    for _ in range(1000):
+        discriminator_step(G, D, opt_d, 3 + 0.5 * torch.randn(128, 1), gan_cfg)
+        generator_step(G, D, opt_g, 128, gan_cfg, "nonsaturating", "cpu")
+    with torch.no_grad():
+        x = G(torch.randn(20000, 1))
+    assert abs(x.mean().item() - 3) < 0.1 and abs(x.std().item() - 0.5) < 0.15, (x.mean(), x.std())
+
+
+def optim_equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(sa[k], sb[k]) for sa, sb in zip(a["state"].values(), b["state"].values()) for k in sa)
+
+
+@pytest.mark.parametrize("overrides", [dict(arch="mlp", optimizer="sgd", lr=0.1, k=2),
+                                       dict(arch="dcgan", size="tiny", batch_size=16)])
+def test_exact_resume(tmp_path, overrides):
+    cfg = smoke(steps=10, sample_every=0, ckpt_every=0, **overrides)
+    straight, resumed = run_interrupted_and_straight(main, cfg, stop_at=4, experiments=tmp_path)
+    assert straight["step"] == resumed["step"] == 10
+    assert checkpoints_equal(straight, resumed, keys=("model", "discriminator"))
+    assert optim_equal(straight["opt_g"], resumed["opt_g"]) and optim_equal(straight["opt_d"], resumed["opt_d"])
+
+
+def test_checkpoint_and_outputs(smoke_run):
+    ckpt = torch.load(smoke_run / "ckpt.pt", weights_only=True)
+    assert {"model", "discriminator", "opt_g", "opt_d", "rng", "config"} <= set(ckpt)
+    assert ckpt["stage"] == STAGE and ckpt["step"] == 20
+    assert (smoke_run / "loss.png").is_file() and (smoke_run / "samples" / "final.png").is_file()
+    rows = [r for r in map(__import__("json").loads, (smoke_run / "metrics.jsonl").read_text().splitlines())]
+    assert any("gnorm_minimax" in r and "gnorm_nonsaturating" in r for r in rows)
+
+
+def test_sample_writes_valid_npz(smoke_run, tmp_path):
+    import sample
+
+    out = sample.main(["--ckpt", str(smoke_run / "ckpt.pt"), "--num-samples", "10", "--batch-size", "4",
+                       "--out", str(tmp_path / "s.npz"), "--device", "cpu"])
+    images = np.load(out)["images"]
+    assert images.dtype == np.uint8 and images.shape == (10, 1, 28, 28) and images.max() > 0
+    assert (tmp_path / "s.png").is_file()
+    again = np.load(sample.main(["--ckpt", str(smoke_run), "--num-samples", "10", "--out", str(tmp_path / "t.npz"),
+                                 "--device", "cpu"]))["images"]
+    assert np.array_equal(images, again)  # a seed fixes the samples, whatever the batch size
+
+
+def test_figures(smoke_run, tmp_path):
+    import figures
+
+    figures.main(["--run", str(smoke_run), "--out", str(tmp_path)])
+    for name in ("training.gif", "nearest.png", "interpolation.png", "d_outputs.png", "grad_norms.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_pretrained_weights_load():
+    import sample
+
+    path = STAGE_DIR / "pretrained" / "mnist.pt"
+    if not path.exists():
+        pytest.skip("no pretrained/mnist.pt yet")
+    assert path.stat().st_size <= 8 * 2**20
+    G = sample.load_generator(path)
+    assert sample.generate(G, 4, 4, 0).shape == (4, 1, 28, 28)
+
+
+def test_user_errors_in_process(tmp_path, smoke_run):
+    import sample
+
+    with pytest.raises(UserError, match="--batch-size"):
+        parse_config(TrainConfig, PRESETS, STAGE, ["--batch-size", "-1"])
+    with pytest.raises(UserError, match="no checkpoint"):
+        parse_config(TrainConfig, PRESETS, STAGE, ["--resume", str(tmp_path / "none.pt")])
+    with pytest.raises(UserError, match="num-samples"):
+        sample.main(["--num-samples", "0"])
+    foreign = tmp_path / "vae.pt"
+    save_checkpoint({**provenance("01_vae", {}, 0, 1), "model": {}}, foreign)
+    with pytest.raises(UserError, match="01_vae"):
+        sample.main(["--ckpt", str(foreign)])
+    with pytest.raises(UserError, match="no such checkpoint"):
+        sample.main(["--ckpt", str(tmp_path / "missing.pt")])
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path):
+    for script, args in (("train.py", ["--k", "0"]), ("sample.py", ["--ckpt", str(tmp_path / "none.pt")])):
+        proc = run_script(STAGE_DIR / script, *args, experiments=tmp_path)
+        assert proc.returncode == 2, (script, args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_readme_references_exist():
+    assert (STAGE_DIR / "README.md").is_file()
+    assert missing_readme_references(STAGE_DIR) == []
+
+
+
+
+def test_dataclass_defaults_are_the_default_preset():
+    defaults = TrainConfig()
+    assert all(getattr(defaults, key) == value for key, value in PRESETS["default"].items())
+
+
+def test_paper_sgd_schedule():
+    from train import paper_sgd_schedule
+
+    cfg = config_from_preset(TrainConfig, PRESETS, "full")
+    per_epoch = 500  # 50,000 images / 100
+    assert paper_sgd_schedule(0, cfg, per_epoch) == (0.1, 0.5)
+    lr, momentum = paper_sgd_schedule(250 * per_epoch, cfg, per_epoch)
+    assert momentum == pytest.approx(0.7) and lr == pytest.approx(0.1 / 1.000004 ** (250 * per_epoch))
+    assert paper_sgd_schedule(10**8, cfg, per_epoch)[0] == 1e-6  # the floor

@@ -1,0 +1,186 @@
+"""Train a GAN on MNIST with Algorithm 1 of Goodfellow et al. (2014): k discriminator steps, then one
+generator step, repeated. ``--arch mlp`` is the paper's network; ``--arch dcgan`` is Radford et al.'s.
+
+    python train.py --preset smoke        # seconds, synthetic data
+    python train.py                       # the default preset: recognisable digits on a laptop CPU
+    python train.py --preset full         # the paper's MLP, SGD and schedule (GPU recommended)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from gan import GENERATOR_LOSSES, discriminator_loss
+from model import GANConfig, build_gan, model_config, sample_noise
+
+from shared.cli import CommonConfig, arg, train_entry
+from shared.data import TensorImages, batches_from, load_images, make_loader, to_symmetric, to_unit
+from shared.experiment import Run
+from shared.runtime import autocast
+
+STAGE = "02_gan"
+PAPER_TRAIN_IMAGES = 50_000  # the paper trains on the first 50k MNIST images; the last 10k pick the Parzen sigma
+PRESETS = {
+    "smoke": dict(dataset="synthetic", arch="mlp", size="tiny", steps=40, batch_size=32, sample_every=20,
+                  ckpt_every=20, log_every=5, diag_every=10),
+    "default": dict(arch="dcgan", size="small", optimizer="adam", lr=2e-4, beta1=0.5, batch_size=64, steps=4000),
+    "full": dict(arch="mlp", size="paper", optimizer="sgd", lr=0.1, momentum=0.5, batch_size=100, steps=150_000,
+                 sample_every=5000, ckpt_every=5000),
+}
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    arch: str = arg("dcgan", "mlp: the paper's MLP/maxout pair; dcgan: Radford et al.'s conv pair",
+                    ("mlp", "dcgan"))
+    size: str = arg("small", "named network size (model.py::SIZES)", ("tiny", "small", "paper"))
+    loss: str = arg("nonsaturating", "generator loss: minimax (Eq. 1) or nonsaturating (§3)",
+                    ("minimax", "nonsaturating"))
+    k: int = arg(1, "discriminator steps per generator step (Algorithm 1)", min=1)
+    z_dim: int = arg(100, "dimension of the noise z", min=1)
+    noise: str = arg("gaussian", "noise prior p_z", ("gaussian", "uniform"))
+    optimizer: str = arg("adam", "adam (DCGAN: Adam(2e-4, beta1 0.5)) or sgd (the paper: momentum 0.5 -> 0.7 "
+                         "over 250 epochs, lr decayed by 1.000004 per step)", ("adam", "sgd"))
+    beta1: float = arg(0.5, "Adam's beta1")
+    momentum: float = arg(0.5, "initial SGD momentum")
+    steps: int = arg(4000, "generator steps (each after k discriminator steps)", min=1)
+    batch_size: int = arg(64, "images per discriminator step and noise vectors per generator step", min=1)
+    lr: float = arg(2e-4, "learning rate of both players", min=1e-12)
+    sample_every: int = arg(250, "write a grid of samples of a fixed z every N steps (the GIF's frames)")
+    ckpt_every: int = arg(500, "write a checkpoint every N steps (0: only at the end)")
+    diag_every: int = arg(50, "every N steps also log ||grad_theta_g|| of both generator losses (0: never)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# One discriminator step and one generator step of Algorithm 1
+# --------------------------------------------------------------------------------------------------------
+
+def discriminator_step(G, D, opt_d, x, gan_cfg: GANConfig, amp: bool = False) -> dict:
+    """Ascend V(D, G) (Eq. 1) in D's parameters on a minibatch of data x and of noise z."""
+    z = sample_noise(len(x), gan_cfg, x.device)  # (B, z_dim)
+    with autocast(x.device, amp):
+        with torch.no_grad():
+            fake = G(z)  # (B, 1, 28, 28), a constant for D's update
+        real_logits, fake_logits = D(x), D(fake)  # (B,), (B,)
+        loss = discriminator_loss(real_logits.float(), fake_logits.float())
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_d.step()
+    return {"d_loss": loss.detach(), "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+            "d_fake": torch.sigmoid(fake_logits.detach().float()).mean()}
+
+
+def generator_step(G, D, opt_g, batch_size: int, gan_cfg: GANConfig, loss_name: str, device,
+                   amp: bool = False, measure: bool = False) -> dict:
+    """Descend the chosen generator loss in G's parameters; D is held fixed (its parameters get no gradient).
+
+    With ``measure``, also return ||grad_theta_g|| of *both* generator losses at this same (G, D): the
+    saturation plot. (One extra backward pass, so only every --diag-every steps.)
+    """
+    params = [p for p in G.parameters() if p.requires_grad]
+    D = getattr(D, "module", D)  # a fixed function here: bypass DDP, whose reducer would wait for D's grads
+    D.requires_grad_(False)
+    z = sample_noise(batch_size, gan_cfg, device)
+    with autocast(torch.device(device), amp):
+        fake_logits = D(G(z)).float()  # (B,)
+    losses = {name: fn(fake_logits) for name, fn in GENERATOR_LOSSES.items()}
+    other = next(name for name in losses if name != loss_name)
+    if measure:
+        other_grads = torch.autograd.grad(losses[other], params, retain_graph=True)
+    opt_g.zero_grad(set_to_none=True)
+    losses[loss_name].backward()
+    stats = {"g_loss": losses[loss_name].detach()}
+    if measure:
+        stats[f"gnorm_{loss_name}"] = grad_norm([p.grad for p in params])
+        stats[f"gnorm_{other}"] = grad_norm(other_grads)
+    opt_g.step()
+    D.requires_grad_(True)
+    return stats
+
+
+def grad_norm(grads) -> torch.Tensor:
+    return torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads if g is not None))
+
+
+def paper_sgd_schedule(step: int, cfg: TrainConfig, steps_per_epoch: int) -> tuple[float, float]:
+    """The released MNIST configuration: lr / 1.000004^t (floor 1e-6); momentum 0.5 -> 0.7 from epoch 1 to 250."""
+    lr = max(cfg.lr / 1.000004 ** (step * cfg.k), 1e-6)
+    epoch = step * cfg.k / steps_per_epoch
+    momentum = cfg.momentum + (0.7 - cfg.momentum) * min(max(epoch - 1, 0) / 249, 1.0)
+    return lr, momentum
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, 0.999))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Algorithm 1
+# --------------------------------------------------------------------------------------------------------
+
+def main(cfg: TrainConfig):
+    with Run(STAGE, cfg) as run:
+        images, labels = load_images(cfg.dataset)
+        if cfg.dataset == "mnist":
+            images, labels = images[:PAPER_TRAIN_IMAGES], labels[:PAPER_TRAIN_IMAGES]
+        gan_cfg = model_config(cfg.arch, cfg.size, z_dim=cfg.z_dim, noise=cfg.noise)
+        G, D = build_gan(gan_cfg)
+        lo, _ = G.value_range
+        to_data = to_unit if lo == 0 else to_symmetric  # [0, 1] for the sigmoid MLP, [-1, 1] for tanh DCGAN
+        if cfg.arch == "mlp":
+            G.init_output_bias(to_unit(images).mean(0))
+        G, D = G.to(run.device), D.to(run.device)
+        opt_g, opt_d = make_optimizer(G.parameters(), cfg), make_optimizer(D.parameters(), cfg)
+        run.restore(model=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
+        G_train, D_train = run.wrap(G), run.wrap(D)
+        # Each G step consumes k data batches, so the data stream of a resumed run starts at batch step * k.
+        loader = make_loader(TensorImages(images, labels), cfg.batch_size, seed=cfg.seed)
+        batches = batches_from(loader, run.step * cfg.k)
+        z_fixed = sample_noise(64, gan_cfg, generator=torch.Generator().manual_seed(1234)).to(run.device)
+
+        def save_samples(name):
+            G.eval()
+            with torch.no_grad():
+                run.save_images(G(z_fixed), name, value_range=G.value_range)
+            G.train()
+
+        if run.step == 0:
+            save_samples("step_000000.png")
+        for step in run.steps():
+            if cfg.optimizer == "sgd":
+                lr, momentum = paper_sgd_schedule(step - 1, cfg, len(loader))
+                for group in opt_g.param_groups + opt_d.param_groups:
+                    group["lr"], group["momentum"] = lr, momentum
+            for _ in range(cfg.k):  # Algorithm 1: k steps on D ...
+                x, _ = next(batches)
+                d_stats = discriminator_step(G_train, D_train, opt_d, to_data(x).to(run.device), gan_cfg, cfg.amp)
+            measure = cfg.diag_every > 0 and step % cfg.diag_every == 0 and step % cfg.log_every == 0
+            g_stats = generator_step(G_train, D_train, opt_g, cfg.batch_size, gan_cfg, cfg.loss, run.device,
+                                     cfg.amp, measure)  # ... then one on G
+            norms = {key: g_stats.pop(key) for key in list(g_stats) if key.startswith("gnorm")}
+            run.log(step, **d_stats, **g_stats)
+            if norms:  # a row of its own, so the per-step averages above stay averages
+                run.flush(step, **norms)
+            if run.every(cfg.sample_every, step):
+                save_samples(f"step_{step:06d}.png")
+            if run.every(cfg.ckpt_every, step):
+                run.save_checkpoint(model=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
+        run.save_checkpoint(model=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
+        save_samples(f"step_{run.step:06d}.png")
+        save_samples("final.png")
+        return G, D
+
+
+def gan_config_of(cfg: dict) -> GANConfig:
+    """The GANConfig a checkpoint's saved TrainConfig (a dict) describes: how sample.py rebuilds the model."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = {**dataclasses.asdict(TrainConfig()), **{k: v for k, v in cfg.items() if k in known}}
+    return model_config(cfg["arch"], cfg["size"], z_dim=cfg["z_dim"], noise=cfg["noise"])
+
+
+if __name__ == "__main__":
+    train_entry(main, TrainConfig, PRESETS, STAGE, __doc__)
