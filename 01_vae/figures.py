@@ -1,0 +1,95 @@
+"""The lesson's pictures from a trained VAE: reconstructions, prior samples, a latent interpolation and, for a
+2-D latent space (N_z = 2), the learned manifold (the paper's Fig. 4) and the test set's codes colored by digit.
+
+    python figures.py --ckpt pretrained/mnist.pt --out assets
+    python figures.py --ckpt ../experiments/01_vae/<z2 run>/ckpt.pt --out assets --prefix z2_
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from model import VAE
+from sample import load_model, sample_prior
+from train import binarized_test_set
+
+from shared.cli import run_entry
+from shared.images import save_grid
+
+
+@torch.no_grad()
+def reconstructions(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """Rows of inputs x and below each the decoder mean at z = mu(x): (2B, 1, 28, 28), B a multiple of 16."""
+    mu, _ = model.encode(x)
+    recon = torch.sigmoid(model.decode(mu))
+    return torch.stack([x.view(-1, 16, 1, 28, 28), recon.view(-1, 16, 1, 28, 28)], 1).reshape(-1, 1, 28, 28)
+
+
+@torch.no_grad()
+def interpolation(model: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """Decoder means along the straight line from mu(x_a) to mu(x_b), one row per pair: (B*steps, 1, 28, 28)."""
+    mu_a, mu_b = model.encode(x_a)[0], model.encode(x_b)[0]    # (B, N_z)
+    t = torch.linspace(0, 1, steps)[None, :, None]               # (1, steps, 1)
+    z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]               # (B, steps, N_z)
+    return torch.sigmoid(model.decode(z.flatten(0, 1)))
+
+
+@torch.no_grad()
+def manifold(model: VAE, n: int = 20) -> torch.Tensor:
+    """Fig. 4: a grid of unit-square coordinates mapped through the Gaussian inverse CDF to z, decoded: (n*n, ...)."""
+    u = torch.linspace(0.5 / n, 1 - 0.5 / n, n)
+    g = torch.distributions.Normal(0.0, 1.0).icdf(u)              # (n,)
+    z = torch.stack(torch.meshgrid(-g, g, indexing="ij")[::-1], -1).reshape(-1, 2)  # rows: z2 high->low
+    return torch.sigmoid(model.decode(z))
+
+
+@torch.no_grad()
+def plot_latent_codes(model: VAE, x: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
+    """Scatter of the posterior means mu(x) of test images, colored by digit (N_z = 2 only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mu = torch.cat([model.encode(x[i:i + 1000])[0] for i in range(0, len(x), 1000)])
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", s=2, alpha=0.6, vmin=-0.5, vmax=9.5)
+    fig.colorbar(points, ticks=range(10), label="digit")
+    ax.set_xlabel("$\\mu_1(x)$")
+    ax.set_ylabel("$\\mu_2(x)$")
+    ax.set_title(f"{len(x)} test digits in the 2-D latent space")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="", help="checkpoint (default: newest run of this stage, else pretrained/)")
+    p.add_argument("--out", default="assets", help="folder for the PNGs")
+    p.add_argument("--prefix", default="", help="prefix of the file names")
+    p.add_argument("--dataset", default="mnist", help="test images to reconstruct and encode")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    args = p.parse_args(argv)
+    model, _, _ = load_model(args.ckpt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x, labels = binarized_test_set(args.dataset)
+    name = lambda s: out / f"{args.prefix}{s}.png"  # noqa: E731
+    grid = dict(value_range=(0.0, 1.0))
+    paths = [save_grid(reconstructions(model, x[:32]), name("reconstructions"), nrow=16, **grid),
+             save_grid(sample_prior(model, 64, 64, args.seed), name("prior_samples"), nrow=8, **grid),
+             save_grid(interpolation(model, x[32:38], x[38:44]), name("interpolation"), nrow=10, **grid)]
+    if model.cfg.z_dim == 2:
+        paths += [save_grid(manifold(model), name("manifold"), nrow=20, padding=0, **grid),
+                  plot_latent_codes(model, x, labels, name("latent_codes"))]
+    for path in paths:
+        print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
+    return paths
+
+
+if __name__ == "__main__":
+    run_entry(main)

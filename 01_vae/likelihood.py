@@ -1,0 +1,72 @@
+"""Measure a trained VAE on the test set: the ELBO and the importance-sampled log-likelihood, in nats.
+
+    python likelihood.py --k 5000 --num-test 10000      # the Burda et al. 2015 protocol (slow on a CPU)
+    python likelihood.py --k 5000 --num-test 1000 --json nll.json
+
+The test images are binarized once with a fixed seed (train.py::binarized_test_set). The reported NLL is
+-mean log p(x) with log p(x) ≈ logmeanexp_j log w_j over k samples of q(z|x) (model.py::importance_sampled_log_px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from model import elbo, importance_sampled_log_px
+from sample import load_model
+from tqdm import tqdm
+from train import binarized_test_set
+
+from shared import UserError
+from shared.cli import run_entry
+from shared.data import DATASETS
+from shared.runtime import DEVICES, choose_device
+
+
+@torch.no_grad()
+def measure(model, x: torch.Tensor, k: int, batch_size: int, elbo_samples: int = 10) -> dict:
+    """Per-datapoint test ELBO (averaged over ``elbo_samples`` draws of z) and IS log p(x); means and std errors."""
+    elbos, log_px = [], []
+    for start in tqdm(range(0, len(x), batch_size), desc=f"log p(x), k={k}", mininterval=2):
+        xb = x[start:start + batch_size]
+        elbos.append(torch.stack([elbo(model, xb)["elbo"] for _ in range(elbo_samples)]).mean(0))
+        log_px.append(importance_sampled_log_px(model, xb, k))
+    elbos, log_px = torch.cat(elbos).double(), torch.cat(log_px).double()
+    se = lambda v: float(v.std() / math.sqrt(len(v)))  # noqa: E731
+    return {"num_test": len(x), "k": k, "test_elbo": float(elbos.mean()), "test_elbo_se": se(elbos),
+            "test_nll": float(-log_px.mean()), "test_nll_se": se(log_px)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="", help="checkpoint (default: newest run of this stage, else pretrained/)")
+    p.add_argument("--k", type=int, default=5000, help="importance samples per test image")
+    p.add_argument("--num-test", type=int, default=10_000, help="how many test images (the first N)")
+    p.add_argument("--batch-size", type=int, default=10, help="test images per step (k samples each)")
+    p.add_argument("--dataset", default="mnist", choices=DATASETS, help="test split to measure on")
+    p.add_argument("--seed", type=int, default=0, help="seed for the samples of q(z|x)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute")
+    p.add_argument("--json", default="", help="also write the numbers to this file")
+    args = p.parse_args(argv)
+    for name in ("k", "num_test", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    device = choose_device(args.device)
+    model, ckpt, path = load_model(args.ckpt, device)
+    x = binarized_test_set(args.dataset, args.num_test)[0].to(device)
+    torch.manual_seed(args.seed)
+    t0 = time.monotonic()
+    result = {"ckpt": str(path), "step": ckpt["step"], **measure(model, x, args.k, args.batch_size)}
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    run_entry(main)

@@ -1,0 +1,228 @@
+"""01_vae tests: the SGVB math against closed forms and Monte Carlo, the model, learning, resume and the CLIs."""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import train
+from model import (
+    SIZES,
+    VAE,
+    VAEConfig,
+    bernoulli_log_likelihood,
+    elbo,
+    gaussian_kl,
+    importance_sampled_log_px,
+    log_normal,
+    log_standard_normal,
+    num_params,
+    reparameterize,
+    vae_config,
+)
+
+from shared.checkpoint import save_checkpoint
+from shared.cli import config_from_preset, parse_config, run_entry
+from shared.data import binarize, synthetic_images
+from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+
+STAGE_DIR = Path(__file__).parents[1]
+
+
+def tiny_vae(z_dim=2, seed=0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(VAEConfig(arch="mlp", z_dim=z_dim, hidden=16, layers=1, act="tanh")).double()
+
+
+def tiny_batch(n=4) -> torch.Tensor:
+    images, _ = synthetic_images(n, seed=3)
+    return binarize(images, torch.Generator().manual_seed(0)).double()
+
+
+# ----------------------------------------------------------------------------------------------------- math
+def test_analytic_kl_equals_monte_carlo_kl():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g).double()
+    z = reparameterize(mu, logvar, torch.randn(400_000, 3, 4, generator=g, dtype=torch.float64))  # (S, 3, 4)
+    mc = (log_normal(z, mu, logvar) - log_standard_normal(z)).mean(0)  # E_q[log q - log p], (3,)
+    assert torch.allclose(gaussian_kl(mu, logvar), mc, atol=0.03), (gaussian_kl(mu, logvar), mc)
+    assert torch.allclose(gaussian_kl(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))  # q = p
+
+
+def test_bernoulli_log_likelihood_is_minus_summed_bce():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(5, 1, 28, 28, generator=g, dtype=torch.float64)
+    x = torch.bernoulli(torch.full_like(logits, 0.3), generator=g)
+    y = torch.sigmoid(logits)
+    by_hand = (x * y.log() + (1 - x) * (1 - y).log()).flatten(1).sum(1)
+    bce = torch.stack([F.binary_cross_entropy(y[i], x[i], reduction="sum") for i in range(5)])
+    assert torch.allclose(bernoulli_log_likelihood(x, logits), by_hand, atol=1e-8)
+    assert torch.allclose(bernoulli_log_likelihood(x, logits), -bce, atol=1e-8)
+
+
+def test_reparameterized_gradients_match_analytic_gradients():
+    # E_{z ~ N(mu, sigma^2)}[exp(z)] = exp(mu + sigma^2 / 2): d/dmu = m, d/dlogvar = m * sigma^2 / 2.
+    mu = torch.tensor([0.3, -0.5], dtype=torch.float64, requires_grad=True)
+    logvar = torch.tensor([-1.0, 0.2], dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(1_000_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reparameterize(mu, logvar, eps).exp().mean(0).sum().backward()
+    with torch.no_grad():
+        m = torch.exp(mu + logvar.exp() / 2)
+        assert torch.allclose(mu.grad, m, rtol=0.01), (mu.grad, m)
+        assert torch.allclose(logvar.grad, m * logvar.exp() / 2, rtol=0.02), (logvar.grad, m * logvar.exp() / 2)
+
+
+def test_reparameterized_samples_have_the_posterior_moments():
+    mu, logvar = torch.tensor([1.0, -2.0]), torch.tensor([0.5, -1.5])
+    z = reparameterize(mu.expand(200_000, 2), logvar.expand(200_000, 2))
+    assert torch.allclose(z.mean(0), mu, atol=0.02) and torch.allclose(z.var(0), logvar.exp(), rtol=0.02)
+
+
+def test_importance_sampling_with_k1_is_the_elbo_in_expectation_and_grows_with_k():
+    model, x = tiny_vae(), tiny_batch()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        elbos = torch.stack([elbo(model, x)["elbo"] for _ in range(2000)])       # (S, B): analytic-KL SGVB
+        is1 = torch.stack([importance_sampled_log_px(model, x, 1) for _ in range(2000)])  # (S, B)
+        is10 = torch.stack([importance_sampled_log_px(model, x, 10) for _ in range(400)])
+        is100 = torch.stack([importance_sampled_log_px(model, x, 100) for _ in range(100)])
+    se = (elbos.var(0) / len(elbos) + is1.var(0) / len(is1)).sqrt()
+    assert ((elbos.mean(0) - is1.mean(0)).abs() < 4 * se + 1e-3).all(), (elbos.mean(0), is1.mean(0), se)
+    assert (is1.mean(0) + 0.5 < is10.mean(0)).all() and (is10.mean(0) < is100.mean(0)).all()
+
+
+def test_beta_weights_only_the_kl_term():
+    model, x = tiny_vae(), tiny_batch()
+    torch.manual_seed(0)
+    a = elbo(model, x, beta=1.0)
+    torch.manual_seed(0)
+    b = elbo(model, x, beta=4.0)
+    assert torch.allclose(a["elbo"], b["elbo"]) and torch.allclose(a["objective"], a["elbo"])
+    assert torch.allclose(b["objective"], b["rec"] - 4.0 * b["kl"])
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def test_shapes_and_named_sizes():
+    for name, cfg in SIZES.items():
+        model = VAE(cfg)
+        mu, logvar = model.encode(torch.zeros(3, 1, 28, 28))
+        assert mu.shape == logvar.shape == (3, cfg.z_dim), name
+        assert model.decode(mu).shape == (3, 1, 28, 28), name
+        assert model.sample(2).shape == (2, 1, 28, 28) and 0 <= model.sample(2).min() <= model.sample(2).max() <= 1
+    # Appendix C MLPs: 784 -> 500 -> 2*20 and 20 -> 500 -> 784, weights and biases.
+    assert num_params(VAE(SIZES["mlp-paper"])) == (784 * 500 + 500 + 500 * 40 + 40) + (20 * 500 + 500 + 500 * 784 + 784)
+    assert num_params(VAE(SIZES["mlp"])) == 1_379_152
+    assert vae_config("mlp", 2).z_dim == 2 and vae_config("mlp").z_dim == 32
+
+
+def test_training_loss_falls_on_a_tiny_batch():
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(z_dim=8, hidden=64, layers=1))
+    x = binarize(synthetic_images(64, seed=0)[0], torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = -elbo(model, x)["elbo"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-20:])
+
+
+# ------------------------------------------------------------------------------------------ training and CLIs
+def smoke_cfg(**kw):
+    return config_from_preset(train.TrainConfig, train.PRESETS, "smoke", device="cpu", **kw)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = smoke_cfg(steps=12, sample_every=4, ckpt_every=3, log_every=2)
+    straight, resumed = run_interrupted_and_straight(train.main, cfg, stop_at=7, experiments=tmp_path)
+    assert straight["step"] == resumed["step"] == 12
+    assert checkpoints_equal(straight, resumed, keys=("model",))
+    assert all(torch.equal(a, b) for a, b in zip(straight["optimizer"]["state"][0].values(),
+                                                 resumed["optimizer"]["state"][0].values()))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exp")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp))
+    train.main(smoke_cfg(run_name="smoke", steps=20, sample_every=10))
+    yield tmp
+    mp.undo()
+
+
+def test_smoke_run_writes_its_outputs_and_sample_py_a_valid_npz(smoke_run, tmp_path):
+    run_dir = smoke_run / "01_vae" / "smoke"
+    assert {"ckpt.pt", "metrics.jsonl", "loss.png", "config.json"} <= {p.name for p in run_dir.iterdir()}
+    assert (run_dir / "samples" / "final.png").is_file()
+    import sample
+
+    out = sample.main(["--ckpt", str(run_dir / "ckpt.pt"), "--num-samples", "10", "--out", str(tmp_path / "s.npz")])
+    images = np.load(out)["images"]
+    assert images.dtype == np.uint8 and images.shape == (10, 1, 28, 28) and images.max() > 0
+    assert (tmp_path / "s.png").is_file()
+
+
+def test_figures_and_likelihood_on_a_2d_latent(smoke_run, tmp_path, monkeypatch):
+    import figures
+    import likelihood
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(smoke_run))
+    train.main(smoke_cfg(run_name="z2", steps=5, z_dim=2))
+    ckpt = str(smoke_run / "01_vae" / "z2" / "ckpt.pt")
+    names = {p.name for p in figures.main(["--ckpt", ckpt, "--out", str(tmp_path), "--dataset", "synthetic"])}
+    assert names == {"reconstructions.png", "prior_samples.png", "interpolation.png", "manifold.png",
+                     "latent_codes.png"}
+    res = likelihood.main(["--ckpt", ckpt, "--k", "20", "--num-test", "8", "--dataset", "synthetic"])
+    assert res["test_nll"] > 0 and -res["test_nll"] > res["test_elbo"] - 3 * res["test_elbo_se"]
+
+
+def _one_line_error(code, stderr):
+    lines = stderr.strip().splitlines()
+    return code == 2 and "Traceback" not in stderr and sum("error:" in line for line in lines) == 1 \
+        and "error:" in lines[-1]
+
+
+def test_train_cli_error_exits_2_with_one_line_as_a_user_sees_it(tmp_path):
+    res = run_script(STAGE_DIR / "train.py", "--preset", "smoke", "--batch-size", "-1", experiments=tmp_path)
+    assert _one_line_error(res.returncode, res.stderr), (res.returncode, res.stderr)
+    assert res.stderr.strip() == "error: --batch-size must be at least 1, got -1"
+
+
+@pytest.mark.parametrize("args", [["--z-dim", "-3"], ["--model", "nope"], ["--dataset", "imagenet"],
+                                  ["--resume", "/no/such/ckpt.pt"], ["--beta", "-1"]])
+def test_train_cli_errors_exit_2_with_one_line(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    run = lambda: train.main(parse_config(train.TrainConfig, train.PRESETS, train.STAGE, ["--preset", "smoke", *args]))  # noqa: E731,E501
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry(run)
+    assert _one_line_error(exit_info.value.code, capsys.readouterr().err), args
+
+
+def test_sample_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
+    import sample
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    foreign = save_checkpoint({"stage": "02_gan", "config": {}, "model": {}}, tmp_path / "gan.pt")
+    alien = save_checkpoint({"stage": "01_vae", "config": {"model": "mlp", "z_dim": 7}, "model": {}}, tmp_path / "a.pt")
+    for args in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(foreign)], ["--ckpt", str(alien)],
+                 ["--num-samples", "0"], ["--out", "x.png"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_entry(sample.main, args)
+        assert _one_line_error(exit_info.value.code, capsys.readouterr().err), args
+
+
+def test_readme_references_exist():
+    assert missing_readme_references(STAGE_DIR) == []
+
+
+def test_default_preset_matches_dataclass_defaults():
+    default, cfg = train.PRESETS["default"], train.TrainConfig()
+    assert all(getattr(cfg, k) == v for k, v in default.items()), default
+    assert dataclasses.asdict(cfg)["beta"] == 1.0 and math.isclose(cfg.lr, 1e-3)

@@ -1,0 +1,99 @@
+"""Train a VAE on dynamically binarized MNIST by maximizing the SGVB estimate of the ELBO (Kingma & Welling 2013).
+
+    python train.py                    # default preset: MLP VAE, N_z = 32, minutes on a CPU
+    python train.py --z-dim 2          # a 2-D latent space to look at (figures.py draws it)
+    python train.py --preset full      # residual conv VAE for the headline likelihood (GPU recommended)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from model import SIZES, VAE, elbo, vae_config
+
+from shared.cli import CommonConfig, arg, train_entry
+from shared.data import binarize, load_images
+from shared.experiment import Run
+from shared.runtime import autocast
+
+STAGE = "01_vae"
+TEST_SEED = 1234  # the one Bernoulli draw of the test set
+
+PRESETS = {
+    "smoke": dict(dataset="synthetic", model="mlp", steps=60, batch_size=32, sample_every=30, ckpt_every=30,
+                  eval_examples=128),
+    "default": dict(model="mlp", steps=10_000, batch_size=128, lr=1e-3, sample_every=2000, ckpt_every=2000),
+    "full": dict(model="conv", steps=300_000, batch_size=128, lr=1e-3, sample_every=10_000, ckpt_every=10_000),
+}
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    steps: int = arg(10_000, "optimizer steps to train for (in total, also when resuming)", min=1)
+    sample_every: int = arg(2000, "write a sample grid and the test ELBO every N steps (0: only at the end)")
+    ckpt_every: int = arg(2000, "write a checkpoint every N steps (0: only at the end)")
+    model: str = arg("mlp", "network: mlp-paper (the paper's 1x500 tanh MLPs), mlp (2x512 ELU), conv (residual "
+                     "conv nets)", tuple(SIZES))
+    z_dim: int = arg(0, "latent size N_z (0: the model's own, 20 for mlp-paper and 32 otherwise)")
+    beta: float = arg(1.0, "weight of the KL term; NOT IN THE PAPER (beta-VAE, Higgins et al. 2017), which is 1")
+    eval_examples: int = arg(10_000, "test images the ELBO is measured on at each --sample-every", min=1)
+
+
+def binarized_test_set(dataset: str, n: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test images binarized ONCE with a fixed seed, so every evaluation sees the same bits."""
+    images, labels = load_images(dataset, train=False)
+    return binarize(images[:n], torch.Generator().manual_seed(TEST_SEED)), labels[:n]
+
+
+@torch.no_grad()
+def test_elbo(model: VAE, x_test: torch.Tensor, batch: int = 1000) -> float:
+    """Mean ELBO (nats) over fixed, once-binarized test images (one z sample each; noise from the global RNG)."""
+    model.eval()
+    total = sum(elbo(model, x_test[i:i + batch])["elbo"].sum().item() for i in range(0, len(x_test), batch))
+    model.train()
+    return total / len(x_test)
+
+
+def main(cfg: TrainConfig):
+    with Run(STAGE, cfg) as run:
+        images, labels = load_images(cfg.dataset, train=True)      # uint8 (N, 1, 28, 28)
+        x_test = binarized_test_set(cfg.dataset, cfg.eval_examples)[0].to(run.device)
+
+        model = VAE(vae_config(cfg.model, cfg.z_dim)).to(run.device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        run.restore(model=model, optimizer=opt)
+        net = run.wrap(model)
+        batches = run.batches(images, labels, cfg.batch_size)
+        # Evaluation and pictures draw from their own generators, so training noise never depends on them.
+        z_fixed = torch.randn(64, model.cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
+
+        def evaluate_and_draw(step: int, name: str):
+            with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+                torch.manual_seed(10_000 + step)
+                run.flush(step, test_elbo=test_elbo(model, x_test))
+            with torch.no_grad():
+                run.save_images(torch.sigmoid(model.decode(z_fixed)), name, value_range=(0.0, 1.0))
+
+        for step in run.steps():
+            x, _ = next(batches)
+            x = binarize(x).to(run.device)           # (B, 1, 28, 28) in {0, 1}: a fresh draw every batch
+            with autocast(run.device, cfg.amp):      # bf16 on CUDA with --amp; a no-op on CPU
+                terms = elbo(net, x, cfg.beta)       # SGVB estimator, Eq. (7) with L = 1
+            loss = -terms["objective"].mean()        # maximize the ELBO per datapoint, Eq. (8)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run.log(step, loss=loss, elbo=terms["elbo"].mean(), rec=terms["rec"].mean(), kl=terms["kl"].mean())
+            if run.every(cfg.sample_every, step):
+                evaluate_and_draw(step, f"step{step:07d}.png")
+            if run.every(cfg.ckpt_every, step):
+                run.save_checkpoint(model=model, optimizer=opt)
+
+        run.save_checkpoint(model=model, optimizer=opt)
+        evaluate_and_draw(run.step, "final.png")
+        return model
+
+
+if __name__ == "__main__":
+    train_entry(main, TrainConfig, PRESETS, STAGE, __doc__)
