@@ -1,0 +1,138 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captions import Tokenizer
+from flow import guided_velocity, interpolate, logit_normal_t, rectified_flow_loss, sample
+from model import (
+    CLIP,
+    CLIP_SIZES,
+    MMDIT_SIZES,
+    CLIPConfig,
+    MMDiT,
+    MMDiTConfig,
+    TextToImage,
+    count_params,
+    info_nce,
+    zero_shot_logits,
+)
+
+TOK = Tokenizer()
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    clip_cfg = CLIPConfig(vocab_size=len(TOK), **CLIP_SIZES["tiny"])
+    model = TextToImage(clip_cfg, MMDiTConfig(text_width=clip_cfg.width, **MMDIT_SIZES["tiny"]))
+    for p in model.dit.parameters():  # leave adaLN-Zero's zero init so the tests see a non-trivial network
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_info_nce_is_cross_entropy_both_ways():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(6, 6)
+    brute_i2t = -sum(math.log(math.exp(logits[i, i]) / sum(math.exp(logits[i, j]) for j in range(6)))
+                     for i in range(6)) / 6
+    brute_t2i = -sum(math.log(math.exp(logits[j, j]) / sum(math.exp(logits[i, j]) for i in range(6)))
+                     for j in range(6)) / 6
+    assert info_nce(logits).item() == pytest.approx((brute_i2t + brute_t2i) / 2, rel=1e-5)
+    assert info_nce(logits).item() != pytest.approx(brute_i2t, rel=1e-3)  # the symmetry matters
+
+
+def test_clip_temperature_learns_and_logits_are_scaled_cosines():
+    clip = CLIP(CLIPConfig(vocab_size=len(TOK), **CLIP_SIZES["tiny"]))
+    x, ids = torch.randn(4, 1, 28, 28), TOK.batch(["a 7", "a thick 3", "an 8", "1, slanted left"])
+    logits = clip(x, ids)
+    assert logits.shape == (4, 4) and logits.abs().max() <= 1 / 0.07 + 1e-4
+    info_nce(logits).backward()
+    assert clip.log_scale.grad is not None and clip.log_scale.grad != 0
+
+
+def test_zero_shot_logits_average_templates_per_class():
+    clip = CLIP(CLIPConfig(vocab_size=len(TOK), **CLIP_SIZES["tiny"]))
+    ids = TOK.batch(["a 0", "zero", "a 1", "one"])
+    x = torch.randn(3, 1, 28, 28)
+    z = clip.embed_text(ids).view(2, 2, -1).mean(1)
+    want = clip.embed_image(x) @ F.normalize(z, dim=-1).T
+    assert torch.allclose(zero_shot_logits(clip, x, ids, 2), want, atol=1e-6)
+
+
+def test_padding_does_not_change_the_joint_attention():
+    model = tiny().eval()
+    ids = TOK.batch(["a thick 7", "an 8"])
+    states, keep, pooled = model.condition(ids)
+    z, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    out = model.dit(z, t, states, keep, pooled)
+    junk = torch.where(keep[..., None], states, 100 * torch.randn_like(states))  # change every padded token
+    assert torch.allclose(model.dit(z, t, junk, keep, pooled), out, atol=1e-5)
+    longer = torch.cat([states, torch.randn(2, 5, states.shape[2])], 1)  # five more padding tokens
+    keep_longer = torch.cat([keep, keep.new_zeros(2, 5)], 1)
+    assert torch.allclose(model.dit(z, t, longer, keep_longer, pooled), out, atol=1e-5)
+    junk_everywhere = 100 * torch.randn_like(states)  # not padding: the output must move
+    assert not torch.allclose(model.dit(z, t, junk_everywhere, keep, pooled), out, atol=1e-3)
+
+
+def test_text_encoder_ignores_padding():
+    model = tiny().eval()
+    ids = TOK.batch(["a thick 7"])  # 4 tokens, 12 pads
+    s1, p1 = model.clip.text(ids[:, :6])
+    s2, p2 = model.clip.text(ids)
+    assert torch.allclose(p1, p2, atol=1e-5) and torch.allclose(s1[:, :4], s2[:, :4], atol=1e-5)
+
+
+def test_cfg_scale_one_is_the_conditional_prediction():
+    model = tiny().eval()
+    cond = model.condition(TOK.batch(["a thick 7", "a small 2", "nine"]))
+    null = model.condition(TOK.batch(["", "", ""]))
+    z, t = torch.randn(3, 1, 28, 28), torch.rand(3)
+    v_cond = model.velocity(z, t, cond)
+    assert torch.allclose(guided_velocity(model.velocity, z, t, cond, null, 1.0), v_cond, atol=1e-5)
+    assert torch.allclose(guided_velocity(model.velocity, z, t, cond, null, 0.0), model.velocity(z, t, null))
+    v3 = guided_velocity(model.velocity, z, t, cond, null, 3.0)
+    assert torch.allclose(v3, model.velocity(z, t, null) + 3 * (v_cond - model.velocity(z, t, null)), atol=1e-5)
+    assert not torch.allclose(v3, v_cond, atol=1e-4)
+
+
+def test_mmdit_shapes_zero_init_and_named_sizes():
+    model = MMDiT(MMDiTConfig(**MMDIT_SIZES["tiny"], text_width=32))
+    z = torch.randn(2, 1, 28, 28)
+    out = model(z, torch.rand(2), torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool), torch.randn(2, 32))
+    assert out.shape == z.shape and out.abs().max() == 0  # adaLN-Zero and a zero final layer
+    wide = MMDiT(MMDiTConfig(**MMDIT_SIZES["tiny"], text_width=32, width_px=56))
+    assert wide.unpatchify(torch.randn(1, 7 * 14, 16)).shape == (1, 1, 28, 56)
+    counts = {name: count_params(MMDiT(MMDiTConfig(**size))) for name, size in MMDIT_SIZES.items()}
+    assert counts == {"tiny": 57_136, "S": 494_992, "B": 43_333_008}
+    clip_counts = {name: count_params(CLIP(CLIPConfig(**size))) for name, size in CLIP_SIZES.items()}
+    assert clip_counts == {"tiny": 32_433, "S": 173_473, "B": 4_204_545}
+
+
+def test_unpatchify_inverts_patchify_layout():
+    model = MMDiT(MMDiTConfig(**MMDIT_SIZES["tiny"], text_width=32))
+    x = torch.randn(2, 1, 28, 28)
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, 1, 7, 7, 4, 4)
+    tokens = patches.permute(0, 2, 3, 4, 5, 1).reshape(2, 49, 16)  # row-major patches, (p, p, C) inside
+    assert torch.equal(model.unpatchify(tokens), x)
+
+
+def test_logit_normal_t_quantiles():
+    t = logit_normal_t(200_000, generator=torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1
+    assert (t < 0.5).float().mean().item() == pytest.approx(0.5, abs=0.005)
+    assert (t < torch.sigmoid(torch.tensor(1.0))).float().mean().item() == pytest.approx(0.8413, abs=0.005)
+    shifted = logit_normal_t(200_000, m=1.0, s=0.5, generator=torch.Generator().manual_seed(1))
+    assert shifted.logit().mean().item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_straight_path_and_exact_velocity_sampler():
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    assert torch.equal(interpolate(x0, eps, torch.zeros(3)), x0)
+    assert torch.equal(interpolate(x0, eps, torch.ones(3)), eps)
+    t = torch.rand(3)
+    exact = lambda z, t, cond: eps - x0  # noqa: E731  the target velocity is constant along the straight path
+    assert rectified_flow_loss(exact, x0, None, t, eps).item() == 0
+    # the velocity toward a single data point x0: v(z, t) = (z - x0) / t; Euler lands on x0 exactly
+    toward = lambda z, t, cond: (z - cond[0]) / t.view(-1, 1, 1, 1)  # noqa: E731
+    out = sample(toward, eps, (x0,), (x0,), 1.0, steps=7)
+    assert torch.allclose(out, x0, atol=1e-5)

@@ -1,0 +1,141 @@
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sample as sample_script
+import torch
+import train
+from captions import Tokenizer
+from model import info_nce
+
+from shared import UserError
+from shared.checkpoint import load_checkpoint
+from shared.cli import config_from_preset, parse_config, run_entry
+from shared.data import load_images
+from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+
+STAGE_DIR = Path(__file__).parents[1]
+TINY = dict(steps=8, clip_steps=4, batch_size=16, sample_steps=2, log_every=2)
+
+
+def test_resume_is_bit_identical_in_both_phases(tmp_path):
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu")
+    for stop_at in (2, 6):  # inside the CLIP phase, and inside the MMDiT phase
+        straight, resumed = run_interrupted_and_straight(train.main, cfg, stop_at, tmp_path / f"stop{stop_at}")
+        assert straight["step"] == resumed["step"] == cfg.steps
+        assert checkpoints_equal(straight, resumed, keys=("model", "ema"))
+    assert straight["model"]["dit.final.weight"].abs().sum() > 0  # the MMDiT phase did train
+
+
+def test_clip_loss_falls_and_zero_shot_beats_chance():
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    cfg = train.TrainConfig(clip_size="tiny", dit_size="tiny")
+    model = train.build(cfg, tok)
+    images, labels = load_images("synthetic")
+    x, ids, _ = train.make_batch(images[:64], labels[:64], tok, p_small=0.0)
+    opt = torch.optim.AdamW(model.clip.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(120):
+        loss = info_nce(model.clip(x, ids))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+    test_x, test_y = load_images("synthetic", train=False)
+    assert train.zero_shot_accuracy(model, tok, test_x, test_y, "cpu") > 0.3  # chance is 0.1
+
+
+def test_flow_loss_falls():
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    model = train.build(train.TrainConfig(clip_size="tiny", dit_size="tiny"), tok)
+    images, labels = load_images("synthetic")
+    x, ids, _ = train.make_batch(images[:32], labels[:32], tok, p_small=0.0)
+    cond = model.condition(ids)
+    opt = torch.optim.AdamW(model.dit.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(150):
+        t, eps = torch.rand(32, generator=g), torch.randn(x.shape, generator=g)
+        loss = train.rectified_flow_loss(model.velocity, x, cond, t, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+
+
+def test_training_zeroes_nothing_it_should_not(tmp_path, monkeypatch):
+    """The CLIP is frozen in phase 2: its weights at the end equal those at the end of phase 1."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu")
+    train.main(dataclasses.replace(cfg, run_name="a", steps=cfg.clip_steps + 1))
+    train.main(dataclasses.replace(cfg, run_name="b"))
+    a = load_checkpoint(tmp_path / train.STAGE / "a" / "ckpt.pt")
+    b = load_checkpoint(tmp_path / train.STAGE / "b" / "ckpt.pt")
+    clip = [k for k in a["model"] if k.startswith("clip.")]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in clip)
+    assert all(torch.equal(b["ema"][k], b["model"][k]) for k in clip)
+    assert not torch.equal(a["model"]["dit.final.weight"], b["model"]["dit.final.weight"])
+
+
+def one_line_exit(capsys, fn, *args) -> str:
+    """Run an entry point as its script does; it must exit with code 2 and one line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry(fn, *args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    parse = lambda *argv: train.main(parse_config(train.TrainConfig, train.PRESETS, train.STAGE, list(argv)))  # noqa: E731
+    assert "--clip-steps" in one_line_exit(capsys, parse, "--preset", "smoke", "--clip-steps", "50", "--steps", "20")
+    assert "--patch" in one_line_exit(capsys, parse, "--preset", "smoke", "--patch", "5")
+    assert "digits" in one_line_exit(capsys, parse, "--dataset", "cifar10")
+    assert "at least" in one_line_exit(capsys, parse, "--batch-size", "-3")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"stage": "01_vae", "model": {}}, foreign)
+    assert "01_vae" in one_line_exit(capsys, sample_script.main, ["--ckpt", str(foreign)])
+    assert "no such" in one_line_exit(capsys, sample_script.main, ["--ckpt", str(tmp_path / "missing.pt")])
+    assert ".npz" in one_line_exit(capsys, sample_script.main, ["--out", "x.png"])
+    result = run_script(STAGE_DIR / "train.py", "--dataset", "imagenet", experiments=tmp_path)  # as a user runs it
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu", run_name="s")
+    train.main(cfg)
+    ckpt = str(tmp_path / train.STAGE / "s" / "ckpt.pt")
+    out = tmp_path / "out.npz"
+    sample_script.main(["--ckpt", ckpt, "--num-samples", "6", "--out", str(out), "--device", "cpu",
+                        "--prompt", "a thick slanted seven", "--prompt", "an 8, drawn small", "--cfg-scale", "3"])
+    data = np.load(out)
+    assert data["images"].dtype == np.uint8 and data["images"].shape == (6, 1, 28, 28)
+    assert data["labels"].tolist() == [7, 8, 7, 8, 7, 8]
+    assert out.with_suffix(".png").is_file()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a 1\n\nthe digit two\n")
+    sample_script.main(["--ckpt", ckpt, "--num-samples", "3", "--out", str(out), "--prompts-file", str(prompts)])
+    assert np.load(out)["labels"].tolist() == [1, 2, 1]
+    sample_script.main(["--ckpt", ckpt, "--num-samples", "4", "--out", str(out), "--interpolate", "a 1", "a 7"])
+    assert np.load(out)["images"].shape == (4, 1, 28, 28)
+    with pytest.raises(UserError, match="unknown word 'purple'"):
+        sample_script.main(["--ckpt", ckpt, "--prompt", "a purple 7", "--out", str(out)])
+
+
+def test_readme_references_exist():
+    assert missing_readme_references(STAGE_DIR) == []
+
+
+def test_pretrained_weights_load_and_are_small():
+    path = STAGE_DIR / "pretrained" / "mnist.pt"
+    assert path.stat().st_size <= 8 * 2**20
+    model, tok, cfg = sample_script.load_model(path, "cpu")
+    assert load_checkpoint(path, train.STAGE)["step"] == cfg.steps
+    assert sorted(model.state_dict()) == sorted(load_checkpoint(path)["model"])
