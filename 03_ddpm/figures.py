@@ -1,0 +1,160 @@
+"""The README's pictures and numbers, from one checkpoint (default: the newest run, else pretrained/).
+
+    python figures.py                       # forward.png, reverse_x0.png, samples.png, interpolation.png
+    python figures.py --fid-steps 10,20,50 --fid-samples 1000   # + FID-MNIST of DDIM per S, fid_vs_steps.png
+    python figures.py --bpd-images 64       # + the variational bound on test images, in bits/dim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from diffusion import Diffusion
+from sample import generate, load_model
+from train import STAGE
+
+from shared import UserError
+from shared.cli import run_entry
+from shared.data import load_images, to_symmetric
+from shared.experiment import experiments_dir, find_checkpoint
+from shared.images import save_grid, save_samples_npz, to_uint8
+
+
+def forward_process(diffusion: Diffusion, x0: torch.Tensor, out: Path) -> None:
+    """One digit under q(x_t | x_0) (Eq. 4) at growing t."""
+    ts = [0, 25, 50, 100, 200, 300, 500, 700, 1000]
+    ts = [min(t, diffusion.T) for t in ts]
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(x0.shape, generator=g)
+    frames = [x0 if t == 0 else diffusion.q_sample(x0, torch.tensor([t]), eps) for t in ts]
+    save_grid(torch.cat(frames), out, nrow=len(ts))
+
+
+def reverse_process(model, diffusion: Diffusion, out: Path, n: int = 4) -> None:
+    """Fig. 6 of the paper: x_t (odd rows) and the network's x_hat_0 (even rows) along Algorithm 2."""
+    trace = []
+    diffusion.sample_ddpm(model, (n, 1, 28, 28), generator=torch.Generator().manual_seed(1), trace=trace)
+    show = {1000, 800, 600, 400, 300, 200, 100, 50, 0}
+    picked = [(x, x0) for t, x, x0 in trace if t in show]  # each (n, 1, 28, 28)
+    rows = []
+    for i in range(n):
+        rows += [torch.stack([x[i] for x, _ in picked]), torch.stack([x0[i] for _, x0 in picked])]
+    save_grid(torch.cat(rows), out, nrow=len(picked))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """Spherical interpolation, which keeps the norm a Gaussian x_T should have (DDIM §5.3)."""
+    omega = torch.acos((a * b).sum() / (a.norm() * b.norm()))
+    return (torch.sin((1 - w) * omega) * a + torch.sin(w * omega) * b) / torch.sin(omega)
+
+
+def interpolation(model, diffusion: Diffusion, out: Path, pairs: int = 4, n: int = 9, S: int = 50) -> None:
+    """DDIM (eta = 0) decodes of slerp(x_T^a, x_T^b, w): a smooth path between two digits."""
+    g = torch.Generator().manual_seed(3)
+    x_T = []
+    for _ in range(pairs):
+        a, b = torch.randn(1, 1, 28, 28, generator=g), torch.randn(1, 1, 28, 28, generator=g)
+        x_T += [slerp(a, b, w) for w in torch.linspace(0, 1, n).tolist()]
+    x_T = torch.cat(x_T)  # (pairs * n, 1, 28, 28)
+    save_grid(diffusion.sample_ddim(model, x_T.shape, S=S, eta=0.0, x_T=x_T), out, nrow=n)
+
+
+def fid_vs_steps(model, diffusion: Diffusion, steps: list[int], n: int, assets: Path, batch_size: int) -> list:
+    from shared.metrics import evaluate
+
+    rows = []
+    for S in steps:
+        t0 = time.time()
+        images = generate(model, diffusion, n, "ddim", S, 0.0, batch_size=batch_size, seed=0)
+        seconds = time.time() - t0
+        save_samples_npz(experiments_dir() / STAGE / "eval" / f"ddim{S}.npz", images)
+        scores = evaluate(to_uint8(images), device="cpu")
+        row = {"sampler": "ddim", "S": S, "eta": 0.0, "num_samples": n, "sample_seconds": round(seconds, 1),
+               **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def plot_fid(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for sampler in sorted({r["sampler"] for r in rows}):
+        pts = sorted((r["S"], r["fid"]) for r in rows if r["sampler"] == sampler)
+        ax.plot(*zip(*pts), "o-", label=f"{sampler} (eta=0)" if sampler == "ddim" else sampler)
+    floor = [r["fid_floor"] for r in rows if "fid_floor" in r]
+    if floor:
+        ax.axhline(floor[0], color="gray", ls="--", label="floor (real images, same N)")
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling steps S")
+    ax.set_ylabel("FID-MNIST")
+    ax.set_title(f"{rows[0]['num_samples']} samples per point")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default="", help="checkpoint (default: newest run, else pretrained/mnist.pt)")
+    parser.add_argument("--assets", default=str(Path(__file__).parent / "assets"), help="output folder")
+    parser.add_argument("--fid-steps", default="", help="comma-separated DDIM step counts to score, e.g. 10,20,50")
+    parser.add_argument("--fid-samples", type=int, default=1000, help="samples per FID point")
+    parser.add_argument("--bpd-images", type=int, default=0, help="test images for the bits/dim bound (0: skip)")
+    parser.add_argument("--bpd-t", type=int, default=0, help="bits/dim: draws of t (0: all T terms)")
+    parser.add_argument("--no-pictures", action="store_true", help="only the numbers")
+    parser.add_argument("--batch-size", type=int, default=250)
+    args = parser.parse_args(argv)
+    try:
+        steps = [int(s) for s in args.fid_steps.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--fid-steps must be comma-separated integers, got {args.fid_steps!r}") from None
+    if args.fid_samples <= 0 or args.bpd_images < 0 or args.bpd_t < 0 or args.batch_size <= 0:
+        raise UserError("--fid-samples and --batch-size must be positive, --bpd-images and --bpd-t non-negative")
+    path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
+    model, diffusion, ckpt = load_model(path, torch.device("cpu"))
+    assets = Path(args.assets)
+    assets.mkdir(parents=True, exist_ok=True)
+    print(f"{path}: step {ckpt['step']}")
+
+    if not args.no_pictures:
+        x0 = to_symmetric(load_images("mnist", train=False)[0][:1])  # (1, 1, 28, 28), a 7
+        forward_process(diffusion, x0, assets / "forward.png")
+        reverse_process(model, diffusion, assets / "reverse_x0.png")
+        images = generate(model, diffusion, 64, "ddim", 50, 0.0, seed=0)
+        save_grid(images, assets / "samples.png")
+        interpolation(model, diffusion, assets / "interpolation.png")
+        print(f"pictures -> {assets}")
+    if steps:
+        rows = fid_vs_steps(model, diffusion, steps, args.fid_samples, assets, args.batch_size)
+        table = assets / "fid_vs_steps.json"  # keep earlier points of other step counts
+        old = json.loads(table.read_text()) if table.is_file() else []
+        rows = sorted([r for r in old if (r["sampler"], r["S"]) not in {(q["sampler"], q["S"]) for q in rows}] + rows,
+                      key=lambda r: (r["sampler"], r["S"]))
+        table.write_text(json.dumps(rows, indent=1) + "\n")
+        plot_fid(rows, assets / "fid_vs_steps.png")
+    if args.bpd_images:
+        x0 = to_symmetric(load_images("mnist", train=False)[0][:args.bpd_images])
+        t0 = time.time()
+        bpd = torch.cat([diffusion.bits_per_dim(model, x, num_t=args.bpd_t, generator=torch.Generator().manual_seed(0))
+                         for x in x0.split(args.batch_size)])
+        row = {"bpd": bpd.mean().item(), "bpd_se": (bpd.std() / math.sqrt(len(bpd))).item(),
+               "test_images": len(bpd), "t_draws": args.bpd_t or diffusion.T - 1, "seconds": round(time.time() - t0)}
+        print(json.dumps(row))
+        with open(assets / "bits_per_dim.json", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    run_entry(main)

@@ -1,0 +1,138 @@
+"""The equations of diffusion.py against Monte Carlo, brute force and each other."""
+
+import math
+
+import pytest
+import torch
+from diffusion import Diffusion, discretized_gaussian_log_likelihood
+from model import build_unet
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return Diffusion(T=1000)
+
+
+def test_schedule_matches_the_paper(diffusion):
+    assert diffusion.beta[1].item() == pytest.approx(1e-4) and diffusion.beta[1000].item() == pytest.approx(0.02)
+    assert diffusion.alpha_bar[0] == 1 and diffusion.alpha_bar[1000] < 1e-4  # x_T is nearly pure noise
+    cos = Diffusion(T=1000, schedule="cosine")
+    assert (cos.alpha_bar[1:] < cos.alpha_bar[:-1]).all() and cos.alpha_bar[500] > diffusion.alpha_bar[500]
+
+
+def test_q_sample_has_the_moments_of_eq_4(diffusion):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.tensor([-1.0, -0.3, 0.5, 1.0]).reshape(4, 1, 1, 1).expand(4, 1, 1, 20000)
+    t = torch.tensor([1, 100, 500, 1000])
+    xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))  # (4, 1, 1, 20000)
+    ab = diffusion.alpha_bar[t].float()
+    torch.testing.assert_close(xt.mean(-1).flatten(), ab.sqrt() * x0[:, 0, 0, 0], atol=0.025, rtol=0)
+    torch.testing.assert_close(xt.var(-1).flatten(), 1 - ab, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("t", [2, 10, 300, 1000])
+def test_posterior_eqs_6_7_equal_bayes_rule_by_brute_force(diffusion, t):
+    """q(x_{t-1} | x_t, x_0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x_0), computed on a 1-D grid."""
+    x0, xt = torch.tensor(0.7, dtype=torch.float64), torch.tensor(-0.4, dtype=torch.float64)
+    grid = torch.linspace(-6, 6, 400_001, dtype=torch.float64)  # values of x_{t-1}
+    a, ab_prev = diffusion.alpha[t], diffusion.alpha_bar[t - 1]
+    log_lik = -(xt - a.sqrt() * grid) ** 2 / (2 * (1 - a))  # q(x_t | x_{t-1}), Eq. (2)
+    log_prior = -(grid - ab_prev.sqrt() * x0) ** 2 / (2 * (1 - ab_prev))  # q(x_{t-1} | x_0), Eq. (4)
+    w = torch.softmax(log_lik + log_prior, 0)
+    mean = (w * grid).sum()
+    var = (w * (grid - mean) ** 2).sum()
+    mu, beta_tilde = diffusion.q_posterior(x0.float().reshape(1, 1), xt.float().reshape(1, 1), torch.tensor([t]))
+    assert mu.item() == pytest.approx(mean.item(), abs=1e-4)
+    assert beta_tilde.item() == pytest.approx(var.item(), rel=1e-3)
+
+
+def test_perfect_eps_predictor_has_zero_l_simple(diffusion):
+    x_star = torch.rand(1, 1, 28, 28) * 2 - 1  # data = one image, so eps is a function of (x_t, t)
+    x0 = x_star.expand(16, 1, 28, 28)
+    perfect = lambda xt, t: diffusion.predict_eps(xt, t, x0)  # noqa: E731
+    assert diffusion.loss_simple(perfect, x0).item() < 1e-8
+    assert diffusion.loss_simple(lambda xt, t: torch.zeros_like(xt), x0).item() == pytest.approx(1.0, abs=0.1)
+
+
+def test_eq_11_is_the_posterior_mean_of_the_predicted_x0(diffusion):
+    xt, t = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([2, 40, 900])
+    eps_theta = lambda x, t: torch.tanh(x) * 0.5 + 0.01 * t.double()[:, None, None, None]  # noqa: E731
+    mu_11, x0_hat = diffusion.p_mean(eps_theta, xt, t, clip=False)
+    mu_7, _ = diffusion.q_posterior(x0_hat, xt, t)
+    torch.testing.assert_close(mu_11, mu_7, atol=1e-10, rtol=1e-10)
+    assert (mu_11 - diffusion.p_mean(eps_theta, xt, t, clip=True)[0]).abs().max() > 0.01  # x_hat_0 was clipped
+
+
+def _some_eps_theta(d):
+    """A cheap, nonlinear, t-dependent stand-in for a network (the sampler identities hold for any eps_theta)."""
+    def eps_theta(x, t):
+        ab = d.alpha_bar[t].to(x.dtype).reshape(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * torch.tanh(1.5 * x) + 0.1 * torch.sin(3 * x)
+    return eps_theta
+
+
+def test_ddim_eta_1_with_all_steps_is_the_ancestral_sampler():
+    T, shape = 50, (4, 1, 8, 8)
+    d = Diffusion(T=T)
+    eps_theta = _some_eps_theta(d)
+    a = d.sample_ddpm(eps_theta, shape, sigma="beta_tilde", generator=torch.Generator().manual_seed(1))
+    b = d.sample_ddim(eps_theta, shape, S=T, eta=1.0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # float32 round-off over 50 steps
+    c = d.sample_ddim(eps_theta, shape, S=T, eta=0.0, generator=torch.Generator().manual_seed(1))
+    assert (a - c).abs().max() > 0.05  # eta matters, so the check above could fail
+    e = d.sample_ddpm(eps_theta, shape, sigma="beta", generator=torch.Generator().manual_seed(1))
+    assert (a - e).abs().max() > 1e-3  # sigma^2 = beta is another sampler
+
+
+def test_ddim_eta_0_is_deterministic_given_x_T():
+    T, shape = 50, (3, 1, 8, 8)
+    d = Diffusion(T=T)
+    eps_theta = _some_eps_theta(d)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    a = d.sample_ddim(eps_theta, shape, S=10, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = d.sample_ddim(eps_theta, shape, S=10, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    c = d.sample_ddim(eps_theta, shape, S=10, eta=1.0, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a, c)
+    assert d.ddim_timesteps(10)[0] == 1 and d.ddim_timesteps(10)[-1] == T and len(d.ddim_timesteps(10)) == 10
+
+
+def test_ddim_inversion_then_decoding_reconstructs_x0(diffusion):
+    """With the exact eps-predictor of Gaussian data N(m, s^2), E[eps | x_t] in closed form, the deterministic
+    DDIM map is smooth and invertible: encoding x_0 -> x_T and decoding back must land on x_0."""
+    m, s2 = 0.2, 0.1
+
+    def eps_theta(xt, t):
+        ab = diffusion.alpha_bar[t].float().reshape(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * (xt - ab.sqrt() * m) / (ab * s2 + 1 - ab)
+
+    x0 = m + math.sqrt(s2) * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for S in (250, 1000):  # inversion is the Euler step run backwards: exact as the steps shrink
+        x_T = diffusion.ddim_invert(eps_theta, x0, S=S)
+        assert 0.5 < x_T.std() < 1.5  # an encoding at the noise scale, not x_0 itself
+        x0_rec = diffusion.sample_ddim(eps_theta, x0.shape, S=S, eta=0.0, clip=False, x_T=x_T)
+        errors.append((x0_rec - x0).abs().max().item())
+    assert errors[1] < 0.02 and errors[1] < 0.5 * errors[0], errors
+
+
+def test_discretized_decoder_is_a_distribution_over_256_levels():
+    x = (torch.arange(256).float() / 127.5 - 1).reshape(256, 1)
+    for mean, logvar in [(0.0, math.log(1e-4)), (0.93, math.log(0.05)), (-1.2, math.log(0.5))]:
+        p = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), logvar).exp()
+        assert p.sum().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bits_per_dim_is_positive_and_finite():
+    from shared.data import load_images, to_symmetric
+
+    T = 10
+    d, net = Diffusion(T=T), build_unet("tiny", dropout=0.0).eval()
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)  # not the zero init: a non-trivial eps_theta
+    eps_theta = lambda x, t: net(x, t * 100)  # noqa: E731
+    x0 = to_symmetric(load_images("synthetic")[0][:4])
+    for sigma in ("beta", "beta_tilde"):
+        bpd = d.bits_per_dim(eps_theta, x0, sigma=sigma, generator=torch.Generator().manual_seed(0))  # (4,)
+        assert bpd.shape == (4,) and torch.isfinite(bpd).all() and (bpd > 0).all()
+    est = d.bits_per_dim(eps_theta, x0, num_t=4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(est).all() and (est > 0).all()

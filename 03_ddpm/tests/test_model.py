@@ -1,0 +1,32 @@
+import torch
+from model import SIZES, SelfAttention, build_unet, count_params, timestep_embedding
+
+
+def test_named_sizes_have_their_parameter_counts():
+    counts = {name: count_params(build_unet(name)) for name in SIZES}
+    assert counts == {"tiny": 176_849, "small": 686_769, "base": 6_801_409}
+
+
+def test_shapes_and_zero_init():
+    net = build_unet("tiny")
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([1, 500, 1000])
+    out = net(x, t)
+    assert out.shape == (3, 1, 28, 28)
+    assert torch.equal(out, torch.zeros_like(out))  # eps_theta starts at 0; the loss starts at E||eps||^2 = 1
+    attn = [m for m in net.modules() if isinstance(m, SelfAttention)]
+    assert len(attn) >= 2  # self-attention at the low resolution and in the middle
+
+
+def test_output_depends_on_t_once_trained_weights_move():
+    net = build_unet("tiny", dropout=0.0).eval()
+    for p in net.parameters():  # undo the zero inits, as training would
+        if p.dim() > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 1, 28, 28).expand(2, 1, 28, 28)
+    out = net(x, torch.tensor([1, 1000]))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_timestep_embedding():
+    e = timestep_embedding(torch.tensor([0, 1, 999]), 16)
+    assert e.shape == (3, 16) and torch.equal(e[0, :8], torch.zeros(8)) and e.abs().max() <= 1

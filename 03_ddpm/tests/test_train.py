@@ -1,0 +1,102 @@
+"""Learning, exact resume, the command lines and the README's references."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sample
+import torch
+import train
+from diffusion import Diffusion
+from model import build_unet
+
+from shared.checkpoint import provenance, save_checkpoint
+from shared.cli import config_from_preset, parse_config, run_entry, validate
+from shared.data import load_images, to_symmetric
+from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+
+STAGE_DIR = Path(__file__).parents[1]
+TINY = dict(dataset="synthetic", model="tiny", timesteps=50, batch_size=8, warmup=2, sample_every=0,
+            ckpt_every=0, sample_steps=2, log_every=1, device="cpu")
+
+
+def test_loss_falls_on_a_tiny_batch():
+    torch.manual_seed(0)
+    d = Diffusion(T=100)
+    net = build_unet("tiny", dropout=0.0)
+    x0 = to_symmetric(load_images("synthetic")[0][:8])
+    g = torch.Generator().manual_seed(1)
+    t_eval, eps_eval = torch.randint(1, 101, (8,), generator=g), torch.randn(x0.shape, generator=g)
+    before = d.loss_simple(net, x0, t_eval, eps_eval).item()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(50):
+        loss = d.loss_simple(net, x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = d.loss_simple(net, x0, t_eval, eps_eval).item()
+    assert before == pytest.approx(1.0, abs=0.15) and after < 0.4 * before
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **{**TINY, "steps": 6})
+    straight, resumed = run_interrupted_and_straight(train.main, cfg, stop_at=3, experiments=tmp_path)
+    assert straight["step"] == resumed["step"] == 6
+    assert checkpoints_equal(straight, resumed, keys=("model", "ema"))
+    assert not torch.equal(straight["model"]["conv_out.weight"], straight["ema"]["conv_out.weight"])
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exp")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp))
+    train.main(config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **{**TINY, "steps": 3},
+                                  run_name="tiny"))
+    mp.undo()
+    return tmp / "03_ddpm" / "tiny" / "ckpt.pt"
+
+
+@pytest.mark.parametrize("flags", [["--sampler", "ddim", "--steps", "3", "--eta", "0.5"], ["--sampler", "ddpm"]])
+def test_sample_writes_a_valid_npz(tiny_ckpt, tmp_path, flags):
+    out = tmp_path / "s.npz"
+    sample.main(["--ckpt", str(tiny_ckpt), "--num-samples", "5", "--batch-size", "3", "--out", str(out), *flags])
+    x = np.load(out)["images"]
+    assert x.dtype == np.uint8 and x.shape == (5, 1, 28, 28)
+    assert out.with_suffix(".png").is_file()
+
+
+def _exit_line(capsys, fn):
+    with pytest.raises(SystemExit) as exc:
+        run_entry(fn)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    return err
+
+
+def test_cli_errors_are_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
+    train_argv = lambda *a: lambda: train.main(parse_config(train.TrainConfig, train.PRESETS, train.STAGE,  # noqa: E731
+                                                            [*a]))
+    assert "--steps" in _exit_line(capsys, train_argv("--steps", "-1"))
+    assert "--beta-1" in _exit_line(capsys, train_argv("--beta-1", "0.5", "--beta-T", "0.1"))
+    assert "no such checkpoint" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(tmp_path / "no.pt")]))
+    assert "--steps" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(tiny_ckpt), "--steps", "999"]))
+    foreign = tmp_path / "vae.pt"
+    save_checkpoint({**provenance("01_vae", {}, 0, 0), "model": {}}, foreign)
+    assert "01_vae" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(foreign)]))
+    proc = run_script(STAGE_DIR / "sample.py", "--ckpt", str(tmp_path / "missing.pt"), experiments=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_presets_are_valid_and_default_is_the_dataclass_default():
+    assert all(getattr(train.TrainConfig(), k) == v for k, v in train.PRESETS["default"].items())
+    for name in train.PRESETS:
+        cfg = config_from_preset(train.TrainConfig, train.PRESETS, name)
+        validate(cfg)
+        train.make_diffusion(dataclasses.asdict(cfg))
+    assert config_from_preset(train.TrainConfig, train.PRESETS, "full").model == "base"
+
+
+def test_readme_references_exist():
+    assert missing_readme_references(STAGE_DIR) == []
