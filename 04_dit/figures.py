@@ -1,0 +1,65 @@
+"""The lesson's pictures from one checkpoint: guidance-scale sweep, samples along the sampler's trajectory and
+the attention maps of one block, written to assets/.
+
+    python figures.py --ckpt pretrained/mnist.pt --steps 25
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from diffusion import sample
+from sample import STAGE, load_model
+
+from shared.cli import run_entry
+from shared.experiment import find_checkpoint
+from shared.images import save_grid
+
+HERE = Path(__file__).parent
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ckpt", default="")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0])
+    parser.add_argument("--out", default=str(HERE / "assets"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    model, cfg = load_model(find_checkpoint(STAGE, HERE, args.ckpt), "cpu")
+    sampler = "ddim" if cfg["objective"] == "ddpm" else "heun"
+    null = model.cfg.num_classes
+    y = torch.arange(10)
+    noise = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+
+    # guidance sweep: one row per scale, one column per digit, the same noise in every row
+    rows = [sample(model, noise, y, cfg["objective"], sampler, args.steps, s, null) for s in args.scales]
+    save_grid(torch.cat(rows), out / "cfg_sweep.png", nrow=10)
+
+    # trajectory: one row per digit, columns from noise (left) to sample (right)
+    path = []
+    sample(model, noise, y, cfg["objective"], sampler, args.steps, 2.0, null, trajectory=path)
+    picks = torch.linspace(0, len(path) - 1, 8).round().long().tolist()
+    frames = torch.stack([noise] + [path[i] for i in picks], dim=1)  # (10, 9, 1, 28, 28)
+    save_grid(frames.flatten(0, 1), out / "trajectory.png", nrow=9)
+
+    # attention maps of the last block at a mid noise level: each head, for the query token at the centre
+    x0 = path[-1][:4]
+    t = torch.full((4,), 300.0)
+    x_t = x0 * 0.7 + 0.7 * noise[:4]
+    maps = model.attention_maps(x_t, t, y[:4], block=model.cfg.depth - 1)  # (4, nh, T, T)
+    g = model.cfg.grid
+    centre = (g // 2) * g + g // 2
+    heads = maps[:, :, centre].reshape(4, -1, 1, g, g)  # (4, nh, 1, g, g)
+    heads = heads / heads.amax(dim=(-2, -1), keepdim=True)
+    heads = torch.nn.functional.interpolate(heads.flatten(0, 1), size=28, mode="nearest").unflatten(0, (4, -1))
+    tiles = torch.cat([(x0[:, None] + 1) / 2, heads], dim=1)  # (4, 1 + nh, 1, 28, 28) in [0, 1]
+    save_grid(tiles.flatten(0, 1), out / "attention.png", nrow=tiles.shape[1], value_range=(0.0, 1.0))
+    print(f"wrote cfg_sweep.png, trajectory.png, attention.png to {out}")
+
+
+if __name__ == "__main__":
+    run_entry(main)

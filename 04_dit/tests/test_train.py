@@ -1,0 +1,73 @@
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sample
+import torch
+import train
+
+from shared import UserError
+from shared.checkpoint import save_checkpoint
+from shared.cli import config_from_preset
+from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+
+STAGE_DIR = Path(__file__).parents[1]
+
+
+def smoke_cfg(**overrides):
+    return config_from_preset(train.TrainConfig, train.PRESETS, "smoke", device="cpu", **overrides)
+
+
+@pytest.mark.parametrize("flags", [{}, dict(objective="ddpm", logit_normal=False, cos_weight=0.0, swiglu=False,
+                                            rmsnorm=False, rope=False, qk_norm=False, beta2=0.999)])
+def test_exact_resume(tmp_path, flags):
+    cfg = smoke_cfg(steps=8, ckpt_every=0, sample_steps=2, **flags)
+    straight, resumed = run_interrupted_and_straight(train.main, cfg, stop_at=4, experiments=tmp_path)
+    assert straight["step"] == resumed["step"] == 8
+    assert checkpoints_equal(straight, resumed, keys=("model", "ema"))
+    assert not torch.equal(straight["model"]["x_embedder.weight"], straight["ema"]["x_embedder.weight"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exp")
+    import os
+
+    os.environ["SCRATCHGEN_EXPERIMENTS"] = str(tmp)
+    train.main(smoke_cfg(run_name="fixture", steps=4, sample_steps=2))
+    return tmp / "04_dit" / "fixture" / "ckpt.pt"
+
+
+def test_sample_writes_valid_npz_with_labels(trained, tmp_path):
+    out = tmp_path / "s.npz"
+    sample.main(["--ckpt", str(trained), "--num-samples", "20", "--steps", "2", "--out", str(out), "--device", "cpu"])
+    data = np.load(out)
+    assert data["images"].dtype == np.uint8 and data["images"].shape == (20, 1, 28, 28)
+    assert data["labels"].tolist() == [i * 10 // 20 for i in range(20)]
+    assert out.with_suffix(".png").is_file()
+    sample.main(["--ckpt", str(trained), "--num-samples", "3", "--steps", "2", "--class-label", "7", "--out",
+                 str(out), "--sampler", "euler", "--cfg-scale", "3", "--device", "cpu"])
+    assert np.load(out)["labels"].tolist() == [7, 7, 7]
+
+
+def test_cli_errors_exit_2_with_one_line(trained, tmp_path):
+    foreign = save_checkpoint({"stage": "01_vae", "config": {}}, tmp_path / "vae.pt")
+    for script, *args in [(STAGE_DIR / "train.py", "--batch-size", "-3"),
+                          (STAGE_DIR / "sample.py", "--ckpt", str(foreign))]:
+        proc = run_script(script, *args, experiments=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
+    for args in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(trained), "--sampler", "ddim"],
+                 ["--ckpt", str(trained), "--class-label", "12"], ["--ckpt", str(trained), "--steps", "0"]):
+        with pytest.raises(UserError):  # run_entry turns these into one line and exit code 2
+            sample.main(args + ["--device", "cpu"])
+
+
+def test_defaults_equal_default_preset():
+    assert dataclasses.asdict(train.TrainConfig()) == dataclasses.asdict(
+        config_from_preset(train.TrainConfig, train.PRESETS, "default"))
+
+
+def test_readme_references_exist():
+    assert missing_readme_references(STAGE_DIR) == []

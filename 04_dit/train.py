@@ -1,0 +1,120 @@
+"""Train a class-conditional DiT on MNIST with the LightningDiT recipe (rectified flow, logit-normal t, cosine
+loss, SwiGLU, RMSNorm, 2-D RoPE, QK-norm, AdamW beta2 = 0.95; each a flag), or the vanilla DiT of Peebles &
+Xie (2022) with the DDPM eps-objective by turning them off.
+
+    python train.py                      # default preset: DiT-tiny/4 with the LightningDiT recipe
+    python train.py --objective ddpm --no-logit-normal --cos-weight 0 --no-swiglu --no-rmsnorm --no-rope \
+        --no-qk-norm --beta2 0.999       # vanilla DiT
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from diffusion import ddpm_loss, linear_alpha_bar, rf_loss, sample
+from model import SIZES, DiT, dit_config
+
+from shared.cli import CommonConfig, arg, train_entry
+from shared.data import load_images, to_symmetric
+from shared.experiment import Run
+from shared.runtime import autocast
+
+STAGE = "04_dit"
+
+PRESETS = {
+    "smoke": dict(dataset="synthetic", size="micro", steps=30, batch_size=16, sample_every=0, ckpt_every=0,
+                  sample_steps=5, warmup=5),
+    "default": dict(steps=2000, batch_size=64, sample_every=1000, ckpt_every=500),
+    "full": dict(size="small", patch_size=2, steps=100_000, batch_size=256, lr=3e-4, ema_decay=0.9999,
+                 warmup=1000, sample_every=5000, ckpt_every=5000),
+}
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    steps: int = arg(2000, "optimizer steps to train for (in total, also when resuming)", min=1)
+    batch_size: int = arg(64, "images per step (per process under DDP)", min=1)
+    lr: float = arg(1e-3, "peak AdamW learning rate (DiT: 1e-4 at batch 256 for 400k steps)", min=1e-12)
+    size: str = arg("tiny", "named model size (model.py::SIZES)", tuple(SIZES))
+    patch_size: int = arg(4, "patch side: 4 -> 7x7 = 49 tokens, 2 -> 14x14 = 196 tokens", (2, 4))
+    objective: str = arg("flow", "ddpm: eps-prediction (DiT); flow: rectified flow, velocity prediction "
+                         "(LightningDiT)", ("ddpm", "flow"))
+    logit_normal: bool = arg(True, "flow only: draw t from the logit-normal instead of U(0, 1)")
+    cos_weight: float = arg(1.0, "flow only: weight of the velocity-direction (cosine) loss term")
+    swiglu: bool = arg(True, "SwiGLU feed-forward instead of the GELU MLP")
+    rmsnorm: bool = arg(True, "RMSNorm instead of LayerNorm")
+    rope: bool = arg(True, "2-D rotary position embedding in every attention layer")
+    qk_norm: bool = arg(True, "RMS-normalise queries and keys")
+    beta2: float = arg(0.95, "AdamW beta2 (LightningDiT: 0.95; DiT: 0.999)")
+    class_dropout: float = arg(0.1, "probability of dropping a label to the null class, per sample")
+    ema_decay: float = arg(0.999, "EMA decay of the weights that sample.py uses (with a 1+n / 10+n warm-up)")
+    warmup: int = arg(100, "linear learning-rate warm-up steps")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
+    cfg_scale: float = arg(2.0, "classifier-free guidance scale of the grids written while training")
+    sample_steps: int = arg(25, "sampler steps for the grids written while training", min=1)
+    sample_every: int = arg(1000, "write a sample grid every N steps (0: only at the end)")
+
+
+def build_model(cfg: TrainConfig) -> DiT:
+    return DiT(dit_config(cfg.size, patch_size=cfg.patch_size, class_dropout=cfg.class_dropout, swiglu=cfg.swiglu,
+                          rmsnorm=cfg.rmsnorm, rope=cfg.rope, qk_norm=cfg.qk_norm))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)  # e = decay e + (1 - decay) p
+
+
+@torch.no_grad()
+def sample_grid(ema: DiT, cfg: TrainConfig, device, per_class: int = 8, seed: int = 0) -> torch.Tensor:
+    """(10 per_class, 1, 28, 28) in [-1, 1]: one row per digit, from a fixed noise (a private generator,
+    so sampling never moves the training RNG)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(10).repeat_interleave(per_class).to(device)
+    noise = torch.randn(len(y), 1, 28, 28, generator=g).to(device)
+    sampler = "ddim" if cfg.objective == "ddpm" else "heun"
+    return sample(ema, noise, y, cfg.objective, sampler, cfg.sample_steps, cfg.cfg_scale, ema.cfg.num_classes,
+                  generator=g)
+
+
+def main(cfg: TrainConfig):
+    with Run(STAGE, cfg) as run:
+        images, labels = load_images(cfg.dataset)
+        model = build_model(cfg).to(run.device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
+        run.restore(model=model, ema=ema, optimizer=opt)
+        net = run.wrap(model)
+        alpha_bar = linear_alpha_bar().to(run.device)
+        batches = run.batches(images, labels, cfg.batch_size)
+        for step in run.steps():
+            x, y = next(batches)
+            x0, y = to_symmetric(x).to(run.device), y.to(run.device)  # (B, 1, 28, 28) in [-1, 1]
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
+            with autocast(run.device, cfg.amp):
+                if cfg.objective == "ddpm":
+                    losses = ddpm_loss(net, x0, y, alpha_bar)
+                else:
+                    losses = rf_loss(net, x0, y, cfg.logit_normal, cfg.cos_weight)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            run.log(step, **losses)
+            if run.every(cfg.ckpt_every, step):
+                run.save_checkpoint(model=model, ema=ema, optimizer=opt)
+            if run.every(cfg.sample_every, step):
+                run.save_images(sample_grid(ema, cfg, run.device), f"step{step:06d}.png", nrow=8)
+        run.save_checkpoint(model=model, ema=ema, optimizer=opt)
+        run.save_images(sample_grid(ema, cfg, run.device), "final.png", nrow=8)
+        return ema
+
+
+if __name__ == "__main__":
+    train_entry(main, TrainConfig, PRESETS, STAGE, __doc__)
