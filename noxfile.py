@@ -3,7 +3,9 @@
 Every session runs in the environment nox itself runs in (``venv_backend="none"``): torch is a multi-GB
 install, made once by the README's set-up, never once per session. Sessions are discovered from the
 stage folders present (``01_vae`` ...): ``tests-<stage>`` runs that stage's pytest in its own process (each
-stage has its own ``model.py``), ``smoke-<stage>`` trains for seconds and samples through the real CLIs.
+stage has its own ``model.py``), ``smoke-<stage>`` trains for seconds and samples through the real CLIs, and
+``ddp-<stage>`` trains the smoke preset with ``torchrun --nproc_per_node=2`` on CPU (gloo), so multi-GPU
+training is one flag away.
 """
 
 import os
@@ -17,8 +19,10 @@ ROOT = Path(__file__).parent
 STAGES = sorted(p.name for p in ROOT.glob("[0-9][0-9]_*") if (p / "tests").is_dir())
 PY = sys.executable
 
-nox.options.sessions = ["lint", "tests-shared", *[f"tests-{s}" for s in STAGES],
-                        *[f"smoke-{s}" for s in STAGES if (ROOT / s / "train.py").exists()]]
+TRAINABLE = [s for s in STAGES if (ROOT / s / "train.py").exists()]
+
+nox.options.sessions = ["lint", "tests-shared", *[f"tests-{s}" for s in STAGES], *[f"smoke-{s}" for s in TRAINABLE],
+                        *[f"ddp-{s}" for s in TRAINABLE]]
 nox.options.error_on_missing_interpreters = False
 
 
@@ -56,6 +60,21 @@ def _smoke(stage):
             session.run(PY, "-c", check, npz, external=True)
 
 
+def _ddp(stage):
+    @nox.session(name=f"ddp-{stage}", venv_backend="none")
+    def session_fn(session):
+        session.chdir(ROOT / stage)
+        with tempfile.TemporaryDirectory(prefix=f"ddp-{stage}-") as tmp:
+            # One thread per rank: two ranks share this machine's cores.
+            env = {"SCRATCHGEN_EXPERIMENTS": tmp, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            session.run(PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        "--preset", "smoke", "--run-name", "ddp", "--device", "cpu", env=env, external=True)
+            check = ("import sys, torch; c = torch.load(sys.argv[1], weights_only=True); "
+                     "assert c['world_size'] == 2 and c['step'] == c['config']['steps'], "
+                     "(c.get('world_size'), c['step']); print('ranks', c['world_size'], 'step', c['step'])")
+            session.run(PY, "-c", check, os.path.join(tmp, stage, "ddp", "ckpt.pt"), external=True)
+
+
 @nox.session(name="bench", venv_backend="none")
 def bench(session):
     """Throughput of every stage (not part of `nox`): CPU, and the CUDA variants when a GPU is present."""
@@ -74,5 +93,6 @@ def bench(session):
 
 for _stage in STAGES:
     _tests(_stage)
-    if (ROOT / _stage / "train.py").exists():
-        _smoke(_stage)
+for _stage in TRAINABLE:
+    _smoke(_stage)
+    _ddp(_stage)

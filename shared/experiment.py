@@ -175,13 +175,17 @@ class Run:
         print0(f"resumed {self.resume_from} at step {self.step}")
         return self.step
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to train with: compiled if ``--compile``, DDP-wrapped under torchrun."""
+    def wrap(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """The module to train with: compiled if ``--compile``, DDP-wrapped under torchrun.
+
+        ``find_unused_parameters``: set it for a model whose loss does not reach every parameter (DDP otherwise
+        waits for their gradients and fails on the next step)."""
         if self.cfg.compile:
             model = torch.compile(model)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                              find_unused_parameters=find_unused_parameters)
         return model
 
     def batches(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
@@ -252,6 +256,7 @@ class Run:
         self.flush(self.step)  # never save weights that a NaN has already reached
         if self.is_main:
             payload = provenance(self.stage, dataclasses.asdict(self.cfg), self.cfg.seed, self.step)
+            payload["world_size"] = self.dist.world_size
             payload.update({name: _unwrap(obj).state_dict() for name, obj in objects.items()})
             payload["rng"] = rng_state()
             save_checkpoint(payload, self.ckpt_path)
