@@ -176,6 +176,51 @@ def two_digit_caption(left: tuple[int, str], right: tuple[int, str], left_first:
     return f"{noun(*right)} to the right of {noun(*left)}"
 
 
+def side_adjectives(levels: dict[str, int], r: torch.Tensor) -> str:
+    """Adjectives for one side of a two-digit caption ("small thick slanted"); ``r`` (6,) uniform numbers.
+
+    As in :func:`make_caption`: "small" is always said, thickness and slant each with probability 0.5
+    (upright 0.3), so that a prompt without adjectives still asks for full-size digits.
+    """
+    words = []
+    for i, (name, table) in enumerate(ATTRIBUTES.items()):
+        level = int(levels[name])
+        keep = 1.0 if name == "size" else 0.3 if (name == "slant" and level == 1) else 0.5
+        if level in table and r[i] < keep:
+            adjs = table[level][0]
+            words.append(adjs[int(r[3 + i] * len(adjs))])
+    return " ".join(words)
+
+
+def two_digit_batch(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
+    """Pair a batch of digits at random into 28 x 56 canvases with captions naming both, in order.
+
+    x (B, 1, 28, 28) float in [0, 1], labels (B,). Digit i goes left, digit perm[i] right (each digit is used
+    once on each side); the caption says "left of" or "right of" with probability 1/2 and carries each side's
+    measured attributes. Returns (canvas (B, 1, 28, 56), captions, pairs (B, 2) = (left, right) labels).
+    """
+    perm = torch.randperm(len(x), generator=generator)
+    levels = attribute_levels(x)
+    r = torch.rand(len(x), 13, generator=generator)
+    captions = []
+    for i, j in enumerate(perm.tolist()):
+        left = (int(labels[i]), side_adjectives({k: v[i] for k, v in levels.items()}, r[i, :6]))
+        right = (int(labels[j]), side_adjectives({k: v[j] for k, v in levels.items()}, r[i, 6:12]))
+        captions.append(two_digit_caption(left, right, left_first=bool(r[i, 12] < 0.5)))
+    return two_digit_canvas(x, x[perm]), captions, torch.stack([labels, labels[perm]], 1)
+
+
+def two_digit_prompts(n: int) -> tuple[list[str], torch.Tensor]:
+    """n plain prompts over all 90 ordered pairs of different digits: (prompts, pairs (n, 2) = (left, right)).
+
+    Prompt i puts digit i % 10 left and (i % 10 + 1 + (i // 20) % 9) % 10 right; rows of ten alternate
+    between "to the left of" and "to the right of", so each pair is asked both ways.
+    """
+    pairs = [(i % 10, (i % 10 + 1 + (i // 20) % 9) % 10) for i in range(n)]
+    prompts = [two_digit_caption((a, ""), (b, ""), left_first=(i // 10) % 2 == 0) for i, (a, b) in enumerate(pairs)]
+    return prompts, torch.tensor(pairs).view(n, 2)
+
+
 def parse_two_digit(text: str) -> tuple[int, int]:
     """(left digit, right digit) that a "left of" / "right of" caption asks for."""
     words = Tokenizer.split(text)

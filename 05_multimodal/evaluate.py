@@ -4,6 +4,10 @@ adherence (shared classifier), attribute adherence (the pixel measures of captio
     python evaluate.py --ckpt PATH --num-samples 1000 --json results.json --assets assets
 
 Pictures (confusion matrix, prompt grid, guidance sweep) go to --assets when given.
+
+A checkpoint trained with `train.py --two-digit` is measured on the compositional test instead: each 28 x 56
+sample is cut into its left and right 28 x 28 halves, the shared classifier reads each, and a prompt counts
+only when both digits are right and in the asked order (picture: two_digit_grid.png).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from captions import DIGIT_WORDS, article, attribute_levels, captions_for
+from captions import DIGIT_WORDS, article, attribute_levels, captions_for, two_digit_caption, two_digit_prompts
 from sample import STAGE_DIR, generate, load_model
 from train import STAGE, class_prompt_ids, grid_prompts, zero_shot_logits
 
@@ -80,6 +84,73 @@ def clip_score(model, tok, images: torch.Tensor, prompts: list[str], device) -> 
     return 100 * (z_img * z_txt).sum(1).mean().item()
 
 
+def classify_halves(classifier, images: torch.Tensor) -> torch.Tensor:
+    """uint8 canvases (N, 1, 28, 56) -> the shared classifier's digit for each half, (N, 2) = (left, right)."""
+    from shared.classifier import predict
+
+    halves = torch.cat([images[..., :28], images[..., 28:]])  # (2N, 1, 28, 28): all left halves, then all right
+    return predict(classifier, halves.contiguous())[1].argmax(1).view(2, -1).T
+
+
+def two_digit_scores(pred: torch.Tensor, asked: torch.Tensor) -> dict:
+    """Compositional scores from (N, 2) predicted and asked (left, right) digits: both right and in order,
+    each side's accuracy, how often both digits were drawn but on swapped sides, and how often one of the two
+    asked digits was drawn on both sides."""
+    doubled = (pred[:, 0] == pred[:, 1]) & ((pred[:, :1] == asked).any(1))
+    return {"both_in_order": (pred == asked).all(1).float().mean().item(),
+            "left_accuracy": (pred[:, 0] == asked[:, 0]).float().mean().item(),
+            "right_accuracy": (pred[:, 1] == asked[:, 1]).float().mean().item(),
+            "swapped": (pred.flip(1) == asked).all(1).float().mean().item(),
+            "doubled": doubled.float().mean().item()}
+
+
+@torch.no_grad()
+def swap_cosines(model, tok, pairs: torch.Tensor) -> dict:
+    """How much the mini-CLIP's text states say about word order: for "a {a} to the left of a {b}" and its swap
+    "a {b} to the left of a {a}", the cosine of the pooled states, and of each digit word's state at its two
+    places. Near 1: the states are (almost) a bag of words, and the order must come from elsewhere."""
+    texts = [[two_digit_caption((int(a), ""), (int(b), ""), True) for a, b in pairs.tolist()],
+             [two_digit_caption((int(b), ""), (int(a), ""), True) for a, b in pairs.tolist()]]
+    ids = [tok.batch(t) for t in texts]
+    device = next(model.parameters()).device
+    (s1, p1), (s2, p2) = (model.clip.text(i.to(device)) for i in ids)  # states (N, L, width), pooled (N, width)
+    digits = torch.tensor([tok.stoi[w] for w in DIGIT_WORDS])
+    at1, at2 = (torch.isin(i, digits).nonzero()[:, 1].view(-1, 2) for i in ids)  # (N, 2) places of the digits
+    rows = torch.arange(len(pairs))
+    same_word = torch.cat([torch.cosine_similarity(s1[rows, at1[:, 0]], s2[rows, at2[:, 1]], dim=-1),
+                           torch.cosine_similarity(s1[rows, at1[:, 1]], s2[rows, at2[:, 0]], dim=-1)])
+    return {"pooled": torch.cosine_similarity(p1, p2, dim=-1).mean().item(), "digit_words": same_word.mean().item()}
+
+
+@torch.no_grad()
+def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, assets: str = "") -> dict:
+    """The compositional test: n prompts over the 90 ordered pairs of different digits, both phrasings."""
+    from shared.classifier import load_classifier
+
+    classifier = load_classifier("cpu")
+    prompts, asked = two_digit_prompts(n)
+    noise = torch.randn(n, 1, 28, 56, generator=torch.Generator().manual_seed(0)).to(device)
+    images = generate(model, tok, prompts, noise, scale, steps, 250)
+    u8 = ((images.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pred = classify_halves(classifier, u8)
+    left_of = torch.tensor([" left of " in p for p in prompts])  # the phrasing: "to the left of" / "right of"
+    result = {"num_prompts": n, **two_digit_scores(pred, asked),
+              "left_of_prompts": two_digit_scores(pred[left_of], asked[left_of]),
+              "right_of_prompts": two_digit_scores(pred[~left_of], asked[~left_of]),
+              "clip_swap_cosine": swap_cosines(model, tok, two_digit_prompts(90)[1])}
+    # control: the same digit on both sides ("a 3 to the left of a 3") needs no binding of digit to side
+    m = max(10, n // 5)
+    same = torch.arange(m) % 10
+    prompts = [two_digit_caption((int(d), ""), (int(d), ""), left_first=True) for d in same]
+    noise = torch.randn(m, 1, 28, 56, generator=torch.Generator().manual_seed(1)).to(device)
+    same_u8 = ((generate(model, tok, prompts, noise, scale, steps, 250).cpu() + 1) * 127.5).round().clamp(0, 255)
+    result["same_digit_prompts"] = {"num_prompts": m, **two_digit_scores(
+        classify_halves(classifier, same_u8.to(torch.uint8)), torch.stack([same, same], 1))}
+    if assets:
+        save_grid(u8[:60], Path(assets) / "two_digit_grid.png", nrow=10)
+    return result
+
+
 def save_confusion(confusion: torch.Tensor, path: Path) -> None:
     import matplotlib
 
@@ -120,6 +191,14 @@ def main(argv: list[str] | None = None) -> dict:
     scale = cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
     steps = args.sample_steps or cfg.sample_steps
     t0 = time.monotonic()
+    if cfg.two_digit:
+        result = {"ckpt": str(path), "weights": args.weights, "cfg_scale": scale, "sample_steps": steps,
+                  **evaluate_two_digit(model, tok, args.num_samples, scale, steps, device, args.assets),
+                  "seconds": round(time.monotonic() - t0, 1)}
+        print(json.dumps(result), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return result
     test_x, test_y = load_images("mnist", train=False)
     acc, confusion = zero_shot(model, tok, test_x, test_y, device)
     result = {"ckpt": str(path), "weights": args.weights, "cfg_scale": scale, "sample_steps": steps,

@@ -41,6 +41,7 @@ class MMDiTConfig:
     mlp_ratio: int = 4
     text_width: int = 64     # = CLIPConfig.width
     text_len: int = 16       # = CLIPConfig.max_len
+    text_pos: bool = False   # learned positions on the text tokens (the two-digit canvas needs word order)
 
 
 CLIP_SIZES = {"tiny": dict(width=32, depth=1, heads=2, embed_dim=32, conv_width=8),
@@ -232,6 +233,7 @@ class MMDiT(nn.Module):
         self.patchify = nn.Conv2d(cfg.channels, D, p, p)  # (B, C, H, W) -> (B, D, H/p, W/p)
         self.pos_emb = nn.Parameter(0.02 * torch.randn(1, n_patches, D))
         self.text_in = nn.Linear(cfg.text_width, D)
+        self.text_pos = nn.Parameter(0.02 * torch.randn(1, cfg.text_len, D)) if cfg.text_pos else None
         self.t_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.y_mlp = nn.Sequential(nn.Linear(cfg.text_width, D), nn.SiLU(), nn.Linear(D, D))
         self.blocks = nn.ModuleList(MMDiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -248,6 +250,8 @@ class MMDiT(nn.Module):
         B = z.shape[0]
         h_img = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_emb  # (B, N, D)
         h_txt = self.text_in(states)  # (B, Lt, D)
+        if self.text_pos is not None:  # which word came first: our mini-CLIP's states hardly say (README)
+            h_txt = h_txt + self.text_pos[:, : h_txt.shape[1]]
         c = self.t_mlp(timestep_embedding(t, 256)) + self.y_mlp(pooled)  # adaLN input: timestep + pooled text
         keep = torch.cat([keep_text, keep_text.new_ones(B, h_img.shape[1])], dim=1)  # (B, Lt + N)
         for block in self.blocks:

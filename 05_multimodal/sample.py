@@ -3,6 +3,9 @@
 Without a prompt, the prompts are "a zero" ... "a nine" in turn. `--prompts-file` reads one prompt a line;
 `--interpolate A B` walks the text condition from prompt A to prompt B with the noise held fixed.
 The .npz holds uint8 `images` and, as `labels`, the digit each prompt asked for.
+
+A checkpoint trained with `--two-digit` draws 28 x 56 canvases ("a 3 to the left of an 8"; default prompts:
+`captions.py::two_digit_prompts`); its `labels` are (N, 2): the (left, right) digits each prompt asked for.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from captions import DIGIT_WORDS, Tokenizer, article, parse_prompt
+from captions import DIGIT_WORDS, Tokenizer, article, parse_prompt, parse_two_digit, two_digit_prompts
 from flow import sample
 from model import TextToImage
 from train import STAGE, TrainConfig, build
@@ -39,7 +42,7 @@ def load_model(path: Path, device, weights: str = "model") -> tuple[TextToImage,
     return model.to(device).eval(), tok, cfg
 
 
-def read_prompts(args) -> list[str]:
+def read_prompts(args, two_digit: bool = False) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
@@ -50,6 +53,8 @@ def read_prompts(args) -> list[str]:
         return prompts
     if args.prompt:
         return args.prompt
+    if two_digit:
+        return two_digit_prompts(20)[0]
     return [f"{article(w)} {w}" for w in DIGIT_WORDS]
 
 
@@ -110,10 +115,13 @@ def main(argv: list[str] | None = None) -> Path:
         prompts, nrow = [args.interpolate[0]] * args.num_samples, 8
         images = interpolate_prompts(model, tok, *args.interpolate, noise, args.cfg_scale, args.sample_steps)
     else:
-        base = read_prompts(args)
-        prompts, nrow = [base[i % len(base)] for i in range(args.num_samples)], (10 if len(base) == 10 else 8)
+        base = read_prompts(args, train_cfg.two_digit)
+        prompts, nrow = [base[i % len(base)] for i in range(args.num_samples)], (10 if len(base) % 10 == 0 else 8)
         images = generate(model, tok, prompts, noise, args.cfg_scale, args.sample_steps, args.batch_size)
-    digits = torch.tensor([parse_prompt(p)[0] for p in prompts])
+    if train_cfg.two_digit:
+        digits = torch.tensor([parse_two_digit(p) for p in prompts])  # (N, 2): (left, right)
+    else:
+        digits = torch.tensor([parse_prompt(p)[0] for p in prompts])
     out = Path(args.out) if args.out else path.parent / "samples.npz"
     save_samples_npz(out, images, digits if (digits >= 0).all() else None)
     grid = save_grid(images[:100], out.with_suffix(".png"), nrow=nrow)

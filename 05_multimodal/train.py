@@ -3,6 +3,8 @@ flow on the frozen CLIP's token states.
 
 One run, one checkpoint, two phases: steps 1..--clip-steps train CLIP, the remaining steps up to --steps train
 the MMDiT (CLIP frozen). Captions are made on the fly from each image's label and measured attributes.
+With --two-digit the MMDiT trains on 28 x 56 canvases of two random digits ("a small 3 to the left of a bold
+8"); the CLIP phase stays the same (single digits).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from captions import DIGIT_WORDS, Tokenizer, article, captions_for, shrink
+from captions import DIGIT_WORDS, Tokenizer, article, captions_for, shrink, two_digit_batch, two_digit_prompts
 from flow import logit_normal_t, rectified_flow_loss, sample
 from model import CLIP_SIZES, MMDIT_SIZES, CLIPConfig, MMDiTConfig, TextToImage, info_nce, zero_shot_logits
 
@@ -51,6 +53,8 @@ class TrainConfig(CommonConfig):
     t_std: float = arg(1.0, "logit-normal t: std s", min=1e-6)
     cfg_scale: float = arg(3.0, "guidance scale of the sample grids written while training")
     sample_steps: int = arg(30, "Euler steps of the sample grids written while training", min=1)
+    two_digit: bool = arg(False, "the compositional test: train the MMDiT on 28 x 56 canvases of two digits "
+                          "with 'left of' / 'right of' captions (the CLIP phase is unchanged)")
 
 
 GRID_PROMPTS = ("a {n}", "a thick {w}", "a thin {w}", "a slanted {n}", "an upright {w}", "a small {w}",
@@ -71,20 +75,25 @@ def class_prompt_ids(tok: Tokenizer) -> tuple[torch.Tensor, int]:
     return tok.batch(prompts, strict=True), len(templates)
 
 
-def make_batch(x_u8: torch.Tensor, y: torch.Tensor, tok: Tokenizer, p_small: float):
-    """A training batch: images in [-1, 1] (a fraction shrunk), and captions made from their pixels."""
+def make_batch(x_u8: torch.Tensor, y: torch.Tensor, tok: Tokenizer, p_small: float, two_digit: bool = False):
+    """A training batch: images in [-1, 1] (a fraction shrunk), and captions made from their pixels; with
+    ``two_digit`` the digits are paired into (B, 1, 28, 56) canvases with two-digit captions."""
     x = to_unit(x_u8)  # (B, 1, 28, 28) in [0, 1]
     small = torch.rand(len(x)) < p_small
     scale = 0.5 + 0.22 * torch.rand(len(x))
     if small.any():
         x[small] = shrink(x[small], scale[small])
-    captions = captions_for(x, y)
+    if two_digit:
+        x, captions, _ = two_digit_batch(x, y)
+    else:
+        captions = captions_for(x, y)
     return 2 * x - 1, tok.batch(captions), captions
 
 
 def build(cfg: TrainConfig, tok: Tokenizer) -> TextToImage:
     clip_cfg = CLIPConfig(vocab_size=len(tok), max_len=tok.max_len, **CLIP_SIZES[cfg.clip_size])
-    dit_cfg = MMDiTConfig(patch=cfg.patch, text_width=clip_cfg.width, text_len=tok.max_len, **MMDIT_SIZES[cfg.dit_size])
+    dit_cfg = MMDiTConfig(patch=cfg.patch, text_width=clip_cfg.width, text_len=tok.max_len,
+                          width_px=56 if cfg.two_digit else 28, text_pos=cfg.two_digit, **MMDIT_SIZES[cfg.dit_size])
     return TextToImage(clip_cfg, dit_cfg)
 
 
@@ -123,13 +132,14 @@ def main(cfg: TrainConfig):
         clip_opt = torch.optim.AdamW(model.clip.parameters(), lr=cfg.clip_lr, weight_decay=0.01)
         dit_opt = torch.optim.AdamW(model.dit.parameters(), lr=cfg.lr, weight_decay=0.0)
         run.restore(model=model, ema=ema, clip_opt=clip_opt, dit_opt=dit_opt)
-        clip_net, dit_net = run.wrap(model.clip), run.wrap(model.dit)
+        # The last joint block's text-stream output feeds nothing, so its MLP gets no gradient: DDP must know.
+        clip_net, dit_net = run.wrap(model.clip), run.wrap(model.dit, find_unused_parameters=True)
         velocity = lambda z, t, cond: dit_net(z, t, *cond)  # noqa: E731
         null_ids = tok.batch([""]).to(run.device)  # the empty prompt: just <eos>
         batches = run.batches(images, labels, cfg.batch_size)
         for step in run.steps():
             x_u8, y = next(batches)
-            x, ids, _ = make_batch(x_u8, y, tok, cfg.p_small)
+            x, ids, _ = make_batch(x_u8, y, tok, cfg.p_small, two_digit=cfg.two_digit and step > cfg.clip_steps)
             x, ids = x.to(run.device), ids.to(run.device)
             if step <= cfg.clip_steps:  # ---- phase 1: mini-CLIP, Eq. (1)-(2)
                 for group in clip_opt.param_groups:
@@ -171,10 +181,11 @@ def main(cfg: TrainConfig):
 
 
 def sample_grid(model: TextToImage, tok: Tokenizer, cfg: TrainConfig, device) -> torch.Tensor:
-    """The GRID_PROMPTS x 10 digits grid, from fixed noise (a private generator leaves the training RNG alone)."""
-    prompts, _ = grid_prompts()
+    """The GRID_PROMPTS x 10 digits grid (or 40 two-digit prompts), from fixed noise (a private generator leaves
+    the training RNG alone)."""
+    prompts = two_digit_prompts(40)[0] if cfg.two_digit else grid_prompts()[0]
     g = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn(len(prompts), 1, 28, 28, generator=g).to(device)
+    noise = torch.randn(len(prompts), 1, 28, model.dit.cfg.width_px, generator=g).to(device)
     cond = model.condition(tok.batch(prompts).to(device))
     null = model.condition(tok.batch([""] * len(prompts)).to(device))
     return sample(model.velocity, noise, cond, null, cfg.cfg_scale, cfg.sample_steps).clamp(-1, 1)

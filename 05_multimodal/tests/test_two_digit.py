@@ -1,0 +1,130 @@
+"""The two-digit compositional test: pairing, scoring, the MMDiT's word order, training and resume."""
+
+import evaluate as evaluate_script
+import numpy as np
+import pytest
+import sample as sample_script
+import torch
+import train
+from captions import Tokenizer, attribute_levels, parse_prompt, parse_two_digit, two_digit_batch, two_digit_prompts
+from evaluate import classify_halves, two_digit_scores
+from model import MMDIT_SIZES, MMDiT, MMDiTConfig
+
+from shared.classifier import load_classifier, predict
+from shared.cli import config_from_preset
+from shared.data import load_images, to_unit
+from shared.testing import checkpoints_equal, run_interrupted_and_straight
+
+TINY = dict(steps=8, clip_steps=4, batch_size=16, sample_steps=2, log_every=2, two_digit=True)
+
+
+def test_pair_builder_puts_the_named_digits_left_and_right_in_order():
+    images, labels = load_images("mnist", train=False)
+    x, y = to_unit(images[:200]), labels[:200]
+    canvas, captions, pairs = two_digit_batch(x, y, torch.Generator().manual_seed(0))
+    assert canvas.shape == (200, 1, 28, 56) and pairs.shape == (200, 2)
+    flat = x.flatten(1)
+    phrasings = set()
+    for i, caption in enumerate(captions):
+        assert torch.equal(canvas[i, ..., :28], x[i])  # digit i is drawn on the left
+        j = int((flat == canvas[i, ..., 28:].flatten()).all(1).nonzero()[0])  # which digit is on the right
+        assert pairs[i].tolist() == [int(y[i]), int(y[j])]
+        assert parse_two_digit(caption) == (int(y[i]), int(y[j])), caption
+        first, second = caption.split(" to the ")
+        left_words, right_words = (first, second) if second.startswith("left") else (second, first)
+        for words, k in ((left_words, i), (right_words, j)):  # each side's adjectives were measured on its digit
+            for name, level in parse_prompt(words.removeprefix("left of ").removeprefix("right of "))[1].items():
+                assert level == attribute_levels(x[k: k + 1])[name].item(), (caption, name)
+        phrasings.add(second.split()[0])
+        assert Tokenizer().UNK not in Tokenizer().encode(caption, strict=True)
+    assert phrasings == {"left", "right"}
+    assert sorted(canvas[:, ..., 28:].flatten(1).sum(1).tolist()) == sorted(flat.sum(1).tolist())  # each once
+
+
+def test_two_digit_prompts_cover_every_ordered_pair_both_ways():
+    prompts, pairs = two_digit_prompts(180)
+    assert all(parse_two_digit(p) == tuple(q.tolist()) for p, q in zip(prompts, pairs))
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+    asked = {(tuple(q.tolist()), " left of " in p) for p, q in zip(prompts, pairs)}
+    assert len(asked) == 180  # 90 ordered pairs x 2 phrasings
+
+
+def test_scorer_counts_a_swapped_pair_as_wrong():
+    pred = torch.tensor([[3, 8], [8, 3], [3, 3], [1, 2]])
+    asked = torch.tensor([[3, 8], [3, 8], [3, 8], [3, 8]])
+    s = two_digit_scores(pred, asked)
+    assert s == {"both_in_order": 0.25, "left_accuracy": 0.5, "right_accuracy": 0.25, "swapped": 0.25, "doubled": 0.25}
+    # on real digits through the shared classifier: "3 left of 8" is right, the same canvas asked as "8 left of 3"
+    images, labels = load_images("mnist", train=False)
+    threes, eights = images[labels == 3][1:11], images[labels == 8][1:11]  # (the classifier reads the first 3 as 5)
+    canvas = torch.cat([threes, eights], dim=3)  # (10, 1, 28, 56) uint8
+    classifier = load_classifier("cpu")
+    pred = classify_halves(classifier, canvas)
+    assert torch.equal(pred[:, 0], predict(classifier, threes)[1].argmax(1))  # each half is read on its own
+    assert two_digit_scores(pred, torch.tensor([[3, 8]] * 10))["both_in_order"] == 1.0
+    swapped = two_digit_scores(pred, torch.tensor([[8, 3]] * 10))
+    assert swapped["both_in_order"] == 0.0 and swapped["swapped"] == 1.0
+
+
+def test_text_positions_make_the_mmdit_hear_word_order():
+    """Without positions, joint attention treats the text tokens as a set: permuting them (states and mask
+    together) leaves the image output unchanged. With ``text_pos`` it does not."""
+    torch.manual_seed(0)
+    z, t = torch.randn(2, 1, 28, 56), torch.rand(2)
+    states, pooled = torch.randn(2, 16, 32), torch.randn(2, 32)
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    perm = torch.randperm(16)
+    for text_pos in (False, True):
+        model = MMDiT(MMDiTConfig(**MMDIT_SIZES["tiny"], text_width=32, width_px=56, text_pos=text_pos))
+        for p in model.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        out = model(z, t, states, keep, pooled)
+        moved = model(z, t, states[:, perm], keep[:, perm], pooled)
+        assert out.shape == (2, 1, 28, 56)
+        assert torch.allclose(out, moved, atol=1e-5) != text_pos
+
+
+def test_two_digit_flow_loss_falls():
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    model = train.build(train.TrainConfig(clip_size="tiny", dit_size="tiny", two_digit=True), tok)
+    images, labels = load_images("synthetic")
+    x, ids, _ = train.make_batch(images[:32], labels[:32], tok, p_small=0.0, two_digit=True)
+    assert x.shape == (32, 1, 28, 56)
+    cond = model.condition(ids)
+    opt = torch.optim.AdamW(model.dit.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(100):
+        t, eps = torch.rand(32, generator=g), torch.randn(x.shape, generator=g)
+        loss = train.rectified_flow_loss(model.velocity, x, cond, t, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+
+
+def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu")
+    straight, resumed = run_interrupted_and_straight(train.main, cfg, 6, tmp_path)  # stopped in the MMDiT phase
+    assert checkpoints_equal(straight, resumed, keys=("model", "ema"))
+    assert straight["model"]["dit.pos_emb"].shape[1] == 7 * 14 and "dit.text_pos" in straight["model"]
+    out = tmp_path / "two.npz"
+    sample_script.main(["--ckpt", str(tmp_path / train.STAGE / "straight" / "ckpt.pt"), "--num-samples", "4",
+                        "--out", str(out), "--device", "cpu", "--prompt", "a small 3 to the left of a bold 8",
+                        "--prompt", "a 1 to the right of a 7"])
+    data = np.load(out)
+    assert data["images"].dtype == np.uint8 and data["images"].shape == (4, 1, 28, 56)
+    assert data["labels"].tolist() == [[3, 8], [7, 1], [3, 8], [7, 1]]
+    result = evaluate_script.main(["--ckpt", str(tmp_path / train.STAGE / "straight" / "ckpt.pt"), "--num-samples",
+                                   "10", "--device", "cpu", "--assets", str(tmp_path)])  # the two-digit evaluation
+    assert result["num_prompts"] == 10 and 0 <= result["both_in_order"] <= result["left_accuracy"] <= 1
+    assert 0 < result["clip_swap_cosine"]["pooled"] <= 1 and (tmp_path / "two_digit_grid.png").is_file()
+
+
+@pytest.mark.parametrize("two_digit", [False, True])
+def test_single_digit_model_is_unchanged_by_the_flag(two_digit):
+    """The default model has no text positions and a 28-wide canvas, so pretrained/mnist.pt still loads."""
+    dit = train.build(train.TrainConfig(two_digit=two_digit), Tokenizer()).dit
+    assert (dit.text_pos is not None) == two_digit and dit.cfg.width_px == (56 if two_digit else 28)
