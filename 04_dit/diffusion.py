@@ -62,11 +62,12 @@ def ddpm_loss(model, x0, y, alpha_bar) -> dict:
 
 @torch.no_grad()
 def ddim_sample(model, noise, y, steps: int, cfg_scale: float, null_class: int, eta: float = 0.0,
-                interval=(0.0, 1.0), alpha_bar=None, generator=None, trajectory=None):
+                interval=(0.0, 1.0), alpha_bar=None, generator=None, trajectory=None, clip: bool = True):
     """Sample on `steps` evenly spaced steps of the T-step chain (Eq. 4-5).
 
     eta = 1 is ancestral DDPM sampling on the respaced chain (sigma_t^2 = posterior variance beta~_t);
-    eta = 0 is deterministic DDIM. x_0 is clipped to [-1, 1] as DiT's sampler does.
+    eta = 0 is deterministic DDIM. x_0 is clipped to [-1, 1] as DiT's sampler does for pixels (clip=False for
+    latents, which have no such range).
     """
     alpha_bar = linear_alpha_bar() if alpha_bar is None else alpha_bar
     ts = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()  # T-1 ... 0
@@ -76,7 +77,8 @@ def ddim_sample(model, noise, y, steps: int, cfg_scale: float, null_class: int, 
         ab_prev = float(alpha_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         tt = torch.full((x.shape[0],), float(t), device=x.device)
         eps = guided_prediction(model, x, tt, y, cfg_scale, null_class, in_interval(t / len(alpha_bar), interval))
-        x0 = ((x - (1 - ab) ** 0.5 * eps) / ab ** 0.5).clamp(-1, 1)  # Eq. (2) solved for x_0
+        x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5  # Eq. (2) solved for x_0
+        x0 = x0.clamp(-1, 1) if clip else x0
         eps = (x - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # the eps consistent with the clipped x_0
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5  # Eq. (5)
         x = ab_prev ** 0.5 * x0 + (1 - ab_prev - sigma ** 2) ** 0.5 * eps  # Eq. (4)
@@ -148,12 +150,12 @@ SAMPLERS = {"ddpm": ("ddpm", ddim_sample), "ddim": ("ddpm", ddim_sample),
 
 
 def sample(model, noise, y, objective: str, sampler: str, steps: int, cfg_scale: float, null_class: int,
-           interval=(0.0, 1.0), generator=None, trajectory=None):
+           interval=(0.0, 1.0), generator=None, trajectory=None, clip: bool = True):
     """Dispatch to the sampler for this objective: ddpm/ddim for eps-models, euler/heun for velocity models."""
     if SAMPLERS[sampler][0] != objective:
         raise ValueError(f"sampler {sampler} does not fit a model trained with objective {objective}")
     if objective == "ddpm":
         return ddim_sample(model, noise, y, steps, cfg_scale, null_class, eta=1.0 if sampler == "ddpm" else 0.0,
-                           interval=interval, generator=generator, trajectory=trajectory)
+                           interval=interval, generator=generator, trajectory=trajectory, clip=clip)
     return ode_sample(model, noise, y, steps, cfg_scale, null_class, method=sampler, interval=interval,
                       trajectory=trajectory)

@@ -2,6 +2,7 @@
 the attention maps of one block, written to assets/.
 
     python figures.py --ckpt pretrained/mnist.pt --steps 25
+    python figures.py --vavae PLAIN.pt ALIGNED.pt    # test digits and their reconstructions by two autoencoders
 """
 
 from __future__ import annotations
@@ -12,12 +13,26 @@ from pathlib import Path
 import torch
 from diffusion import sample
 from sample import STAGE, load_model
+from train_vavae import reconstruct
+from vavae import AE_STAGE, ae_from_state_dict
 
+from shared import UserError
+from shared.checkpoint import load_checkpoint
 from shared.cli import run_entry
+from shared.data import load_images
 from shared.experiment import find_checkpoint
 from shared.images import save_grid
 
 HERE = Path(__file__).parent
+
+
+def reconstruction_figure(paths: list[str], out: Path, n: int = 12) -> Path:
+    """Row 1: n test digits; then one row of reconstructions (posterior mean) per train_vavae.py checkpoint."""
+    images, _ = load_images("mnist", train=False)
+    rows = [images[:n]]
+    for path in paths:
+        rows.append(reconstruct(ae_from_state_dict(load_checkpoint(path, AE_STAGE)["model"]).eval(), images[:n]))
+    return save_grid(torch.cat(rows), out / "vavae_recon.png", nrow=n)
 
 
 def main(argv=None):
@@ -27,9 +42,16 @@ def main(argv=None):
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0])
     parser.add_argument("--out", default=str(HERE / "assets"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vavae", nargs="+", default=[], metavar="CKPT", help="instead: test digits and their "
+                        "reconstructions by these train_vavae.py checkpoints (one row each) -> vavae_recon.png")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    model, cfg = load_model(find_checkpoint(STAGE, HERE, args.ckpt), "cpu")
+    if args.vavae:
+        print(f"wrote {reconstruction_figure(args.vavae, out)}")
+        return
+    model, cfg, ae = load_model(find_checkpoint(STAGE, HERE, args.ckpt), "cpu")
+    if ae is not None:
+        raise UserError("figures.py draws pixel-space DiTs; this checkpoint was trained on VA-VAE latents")
     sampler = "ddim" if cfg["objective"] == "ddpm" else "heun"
     null = model.cfg.num_classes
     y = torch.arange(10)

@@ -3,6 +3,9 @@
     python sample.py                                   # newest run, else pretrained/mnist.pt; one row per digit
     python sample.py --class-label 7 --cfg-scale 3 --sampler euler --steps 100
     python sample.py --num-samples 10000 --out samples.npz && python -m shared.evaluate samples.npz
+
+A DiT trained on VA-VAE latents (train.py --latents) samples 7x7x4 latents; its checkpoint carries the frozen
+autoencoder, whose decoder turns them into 28x28 digits, so the .npz and the metrics are the same as for pixels.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusion import SAMPLERS, sample
 from model import DiT, dit_config
+from vavae import Autoencoder, ae_from_state_dict, decode_latents
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint
@@ -38,14 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_model(path: Path, device) -> tuple[DiT, dict]:
+def load_model(path: Path, device) -> tuple[DiT, dict, Autoencoder | None]:
+    """The DiT (EMA weights), its training config, and the frozen autoencoder if it was trained on latents."""
     ckpt = load_checkpoint(path, STAGE)
     c = ckpt["config"]
-    model = DiT(dit_config(c["size"], patch_size=c["patch_size"], class_dropout=0.0, swiglu=c["swiglu"],
-                           rmsnorm=c["rmsnorm"], rope=c["rope"], qk_norm=c["qk_norm"]))
+    ae = ae_from_state_dict(ckpt["autoencoder"]).to(device).eval() if "autoencoder" in ckpt else None
+    shape = dict(patch_size=c["patch_size"]) if ae is None else dict(image_size=7, in_channels=ae.cfg.z_channels,
+                                                                     patch_size=1)
+    model = DiT(dit_config(c["size"], class_dropout=0.0, swiglu=c["swiglu"], rmsnorm=c["rmsnorm"], rope=c["rope"],
+                           qk_norm=c["qk_norm"], **shape))
     weights = ckpt["ema"] if "ema" in ckpt else ckpt["model"]
     model.load_state_dict({k: v.float() for k, v in weights.items()})
-    return model.to(device).eval(), c
+    return model.to(device).eval(), c, ae
 
 
 def main(argv=None):
@@ -57,7 +65,7 @@ def main(argv=None):
         raise UserError("--steps must be at least 1 and --cfg-scale non-negative")
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
-    model, cfg = load_model(path, device)
+    model, cfg, ae = load_model(path, device)
     sampler = args.sampler or ("ddim" if cfg["objective"] == "ddpm" else "heun")
     if SAMPLERS[sampler][0] != cfg["objective"]:
         raise UserError(f"--sampler {sampler} needs a {SAMPLERS[sampler][0]} model; {path} was trained with "
@@ -68,12 +76,14 @@ def main(argv=None):
     else:
         labels = torch.arange(n) * 10 // n  # sorted: grid row i holds digit i when n is a multiple of 10
     g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(n, 1, 28, 28, generator=g)
+    c, s = model.cfg.in_channels, model.cfg.image_size
+    noise = torch.randn(n, c, s, s, generator=g)  # (n, 1, 28, 28) pixels or (n, 4, 7, 7) latents
     out = []
     for i in range(0, n, args.batch_size):
-        out.append(sample(model, noise[i:i + args.batch_size].to(device), labels[i:i + args.batch_size].to(device),
-                          cfg["objective"], sampler, args.steps, args.cfg_scale, model.cfg.num_classes,
-                          tuple(args.cfg_interval), generator=g).cpu())
+        x = sample(model, noise[i:i + args.batch_size].to(device), labels[i:i + args.batch_size].to(device),
+                   cfg["objective"], sampler, args.steps, args.cfg_scale, model.cfg.num_classes,
+                   tuple(args.cfg_interval), generator=g, clip=ae is None)
+        out.append((x if ae is None else decode_latents(ae, x)).cpu())
     images = torch.cat(out)  # (n, 1, 28, 28) in [-1, 1]
     npz = Path(args.out) if args.out else path.parent / "samples.npz"
     save_samples_npz(npz, images, labels)

@@ -5,6 +5,7 @@ Xie (2022) with the DDPM eps-objective by turning them off.
     python train.py                      # default preset: DiT-tiny/4 with the LightningDiT recipe
     python train.py --objective ddpm --no-logit-normal --cos-weight 0 --no-swiglu --no-rmsnorm --no-rope \
         --no-qk-norm --beta2 0.999       # vanilla DiT
+    python train.py --latents ../experiments/04_dit-vavae/aligned/ckpt.pt    # on 7x7x4 VA-VAE latents
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from diffusion import ddpm_loss, linear_alpha_bar, rf_loss, sample
 from model import SIZES, DiT, dit_config
+from vavae import Autoencoder, decode_latents, prepare_latents
 
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_symmetric
@@ -55,11 +57,15 @@ class TrainConfig(CommonConfig):
     cfg_scale: float = arg(2.0, "classifier-free guidance scale of the grids written while training")
     sample_steps: int = arg(25, "sampler steps for the grids written while training", min=1)
     sample_every: int = arg(1000, "write a sample grid every N steps (0: only at the end)")
+    latents: str = arg("", "a train_vavae.py checkpoint: train on its frozen encoder's 7x7x4 latents (normalised "
+                       "per channel, Eq. 22) with patch size 1 instead of on pixels; --patch-size is then ignored")
 
 
-def build_model(cfg: TrainConfig) -> DiT:
-    return DiT(dit_config(cfg.size, patch_size=cfg.patch_size, class_dropout=cfg.class_dropout, swiglu=cfg.swiglu,
-                          rmsnorm=cfg.rmsnorm, rope=cfg.rope, qk_norm=cfg.qk_norm))
+def build_model(cfg: TrainConfig, ae: Autoencoder | None = None) -> DiT:
+    shape = dict(patch_size=cfg.patch_size) if ae is None else dict(image_size=7, in_channels=ae.cfg.z_channels,
+                                                                     patch_size=1)
+    return DiT(dit_config(cfg.size, class_dropout=cfg.class_dropout, swiglu=cfg.swiglu, rmsnorm=cfg.rmsnorm,
+                          rope=cfg.rope, qk_norm=cfg.qk_norm, **shape))
 
 
 @torch.no_grad()
@@ -69,21 +75,29 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 @torch.no_grad()
-def sample_grid(ema: DiT, cfg: TrainConfig, device, per_class: int = 8, seed: int = 0) -> torch.Tensor:
+def sample_grid(ema: DiT, cfg: TrainConfig, device, per_class: int = 8, seed: int = 0,
+                ae: Autoencoder | None = None) -> torch.Tensor:
     """(10 per_class, 1, 28, 28) in [-1, 1]: one row per digit, from a fixed noise (a private generator,
-    so sampling never moves the training RNG)."""
+    so sampling never moves the training RNG); latent samples are decoded by the autoencoder."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(10).repeat_interleave(per_class).to(device)
-    noise = torch.randn(len(y), 1, 28, 28, generator=g).to(device)
+    c, s = ema.cfg.in_channels, ema.cfg.image_size
+    noise = torch.randn(len(y), c, s, s, generator=g).to(device)
     sampler = "ddim" if cfg.objective == "ddpm" else "heun"
-    return sample(ema, noise, y, cfg.objective, sampler, cfg.sample_steps, cfg.cfg_scale, ema.cfg.num_classes,
-                  generator=g)
+    x = sample(ema, noise, y, cfg.objective, sampler, cfg.sample_steps, cfg.cfg_scale, ema.cfg.num_classes,
+               generator=g, clip=ae is None)
+    return x if ae is None else decode_latents(ae, x)
 
 
 def main(cfg: TrainConfig):
     with Run(STAGE, cfg) as run:
         images, labels = load_images(cfg.dataset)
-        model = build_model(cfg).to(run.device)
+        ae = None
+        if cfg.latents:  # VA-VAE variant: the data are the frozen encoder's normalised latents (Eq. 22)
+            ae, images = prepare_latents(cfg.latents, images)  # (N, 4, 7, 7) float
+            ae = ae.to(run.device)
+        extra = {} if ae is None else {"autoencoder": ae}  # saved with the DiT, so sample.py can decode
+        model = build_model(cfg, ae).to(run.device)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
         run.restore(model=model, ema=ema, optimizer=opt)
@@ -92,7 +106,8 @@ def main(cfg: TrainConfig):
         batches = run.batches(images, labels, cfg.batch_size)
         for step in run.steps():
             x, y = next(batches)
-            x0, y = to_symmetric(x).to(run.device), y.to(run.device)  # (B, 1, 28, 28) in [-1, 1]
+            x0 = to_symmetric(x) if ae is None else x  # (B, 1, 28, 28) pixels in [-1, 1], or (B, 4, 7, 7) latents
+            x0, y = x0.to(run.device), y.to(run.device)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
             with autocast(run.device, cfg.amp):
@@ -108,11 +123,11 @@ def main(cfg: TrainConfig):
             update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             run.log(step, **losses)
             if run.every(cfg.ckpt_every, step):
-                run.save_checkpoint(model=model, ema=ema, optimizer=opt)
+                run.save_checkpoint(model=model, ema=ema, optimizer=opt, **extra)
             if run.every(cfg.sample_every, step):
-                run.save_images(sample_grid(ema, cfg, run.device), f"step{step:06d}.png", nrow=8)
-        run.save_checkpoint(model=model, ema=ema, optimizer=opt)
-        run.save_images(sample_grid(ema, cfg, run.device), "final.png", nrow=8)
+                run.save_images(sample_grid(ema, cfg, run.device, ae=ae), f"step{step:06d}.png", nrow=8)
+        run.save_checkpoint(model=model, ema=ema, optimizer=opt, **extra)
+        run.save_images(sample_grid(ema, cfg, run.device, ae=ae), "final.png", nrow=8)
         return ema
 
 

@@ -1,0 +1,208 @@
+import math
+
+import numpy as np
+import pytest
+import sample
+import torch
+import torch.nn.functional as F
+import train
+import train_vavae
+from diffusion import rf_loss
+from model import DiT, dit_config
+from vavae import (
+    AE_STAGE,
+    AEConfig,
+    Autoencoder,
+    adaptive_weight,
+    ae_losses,
+    decode_latents,
+    encode_images,
+    foundation_features,
+    kl_divergence,
+    marginal_cosine_loss,
+    marginal_distance_matrix_loss,
+    normalize,
+    prepare_latents,
+    vf_loss,
+)
+
+from shared import UserError
+from shared.checkpoint import save_checkpoint
+from shared.classifier import load_classifier
+from shared.cli import config_from_preset
+from shared.data import load_images
+from shared.testing import checkpoints_equal, run_interrupted_and_straight
+
+
+def test_autoencoder_shapes_28_to_7x7x4_and_back():
+    ae = Autoencoder(AEConfig(width=4))
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    out = ae(x)
+    assert out["mu"].shape == out["logvar"].shape == out["z"].shape == (3, 4, 7, 7)
+    assert out["x_hat"].shape == (3, 1, 28, 28)
+    assert not torch.equal(out["z"], out["mu"])  # a sample, not the mean
+    assert ae.proj(out["z"]).shape == (3, 64, 7, 7)
+    clf = load_classifier()
+    assert foundation_features(clf, x).shape == (3, 64, 7, 7)
+
+
+def test_kl_closed_form_matches_monte_carlo():
+    torch.manual_seed(0)
+    mu, logvar = torch.tensor([[0.7, -1.2, 0.0]]), torch.tensor([[-1.0, 0.5, 0.0]])
+    sigma = (0.5 * logvar).exp()
+    z = mu + sigma * torch.randn(400_000, 3)  # samples of q
+    log_q = torch.distributions.Normal(mu, sigma).log_prob(z).sum(1)
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+    mc = (log_q - log_p).mean()
+    assert math.isclose(kl_divergence(mu, logvar).item(), mc.item(), abs_tol=0.01)
+    assert kl_divergence(torch.zeros(1, 3), torch.zeros(1, 3)).item() == 0.0  # q = p
+
+
+def test_marginal_cosine_loss_is_zero_inside_the_margin_and_positive_outside():
+    torch.manual_seed(0)
+    f = torch.randn(2, 8, 3, 3)
+    close = 2.0 * f + 0.3 * torch.randn_like(f)  # cos > 1 - m1 everywhere (and a different scale)
+    cos = F.cosine_similarity(close, f, dim=1)
+    m1 = 0.5
+    assert (cos > 1 - m1).all()
+    assert marginal_cosine_loss(close, f, m1).item() == 0.0
+    flipped = close.clone()
+    flipped[0, :, 1, 1] = -f[0, :, 1, 1]  # one opposite pair out of 18: cos = -1
+    expected = (1 - m1 + 1) / 18
+    assert math.isclose(marginal_cosine_loss(flipped, f, m1).item(), expected, rel_tol=1e-5)
+
+
+def test_distance_matrix_loss_zero_for_same_structure_and_matches_brute_force():
+    torch.manual_seed(0)
+    f = torch.randn(1, 6, 2, 3)
+    scale = torch.rand(1, 1, 2, 3) + 0.5
+    assert marginal_distance_matrix_loss(f * scale, f, 0.0).item() < 1e-6  # same cosines at every pair
+    z = torch.randn(1, 6, 2, 3)
+    zf, ff = z.flatten(2)[0].T, f.flatten(2)[0].T  # (N, C) rows = positions
+    n, m2 = zf.shape[0], 0.1
+    brute = sum(max(abs(F.cosine_similarity(zf[i], zf[j], 0) - F.cosine_similarity(ff[i], ff[j], 0)).item() - m2, 0)
+                for i in range(n) for j in range(n)) / n ** 2
+    assert brute > 0
+    assert math.isclose(marginal_distance_matrix_loss(z, f, m2).item(), brute, rel_tol=1e-4)
+    assert marginal_distance_matrix_loss(z, f, 2.0).item() == 0.0  # |difference| <= 2 < any margin above it
+
+
+def test_adaptive_weight_balances_the_gradients_at_the_last_encoder_layer():
+    torch.manual_seed(0)
+    ae = Autoencoder(AEConfig(width=4))
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    f = foundation_features(load_classifier(), x)
+    out = ae(x)
+    rec = ae_losses(out, x, 1e-3)["rec"]
+    vf = vf_loss(ae, out["z"], f, rec, m1=0.0, m2=0.0, w_hyper=1.0)
+    w, W = vf["w_adaptive"], ae.conv_out.weight
+    g_rec = torch.autograd.grad(rec, W, retain_graph=True)[0].norm()
+    g_vf = torch.autograd.grad(vf["vf"], W, retain_graph=True)[0].norm()  # grad of w (mcos + mdms), w constant
+    assert w.item() > 0 and not w.requires_grad
+    assert math.isclose(g_vf.item(), g_rec.item(), rel_tol=1e-3)  # the weighted VF gradient is as large as L_rec's
+    w10 = adaptive_weight(rec, 10 * (vf["mcos"] + vf["mdms"]), W)
+    assert math.isclose(w10.item(), w.item() / 10, rel_tol=1e-3)
+
+
+def test_latents_normalised_and_decoded_back(tmp_path):
+    torch.manual_seed(0)
+    ae = Autoencoder(AEConfig(width=4))
+    images, _ = load_images("synthetic")
+    path = save_checkpoint({"stage": AE_STAGE, "config": {}, "model": ae.state_dict()}, tmp_path / "ae.pt")
+    frozen, latents = prepare_latents(str(path), images)
+    assert latents.shape == (len(images), 4, 7, 7)
+    assert torch.allclose(latents.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4)  # Eq. (22): ~N(0, 1) per channel
+    assert torch.allclose(latents.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4)
+    assert not torch.allclose(frozen.latent_std, torch.ones(4))  # the scale was measured and is kept
+    mu = encode_images(frozen, images[:8])
+    assert torch.allclose(normalize(frozen, mu), latents[:8], atol=1e-6)
+    assert torch.allclose(decode_latents(frozen, latents[:8]), frozen.decode(mu).clamp(-1, 1), atol=1e-5)
+    with pytest.raises(UserError):  # a DiT checkpoint is not an autoencoder
+        prepare_latents(str(save_checkpoint({"stage": "04_dit", "config": {}}, tmp_path / "dit.pt")), images)
+
+
+def ae_cfg(**overrides):
+    return config_from_preset(train_vavae.TrainConfig, train_vavae.PRESETS, "smoke", device="cpu", **overrides)
+
+
+def test_exact_resume_of_the_autoencoder_trainer(tmp_path):
+    cfg = ae_cfg(steps=6, ckpt_every=0, align=True)
+    straight, resumed = run_interrupted_and_straight(train_vavae.main, cfg, stop_at=3, experiments=tmp_path)
+    assert straight["stage"] == AE_STAGE and straight["step"] == resumed["step"] == 6
+    assert checkpoints_equal(straight, resumed, keys=("model", "optimizer"))
+    assert straight["config"]["align"] and straight["seed"] == 0
+
+
+def test_alignment_loss_falls_while_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train_vavae.main(ae_cfg(steps=60, width=8, lr=3e-3, run_name="a", log_every=10))
+    rows = [r for r in map(__import__("json").loads, (tmp_path / AE_STAGE / "a" / "metrics.jsonl").read_text()
+                                                           .splitlines()) if "mcos" in r]
+    assert rows[-1]["mcos"] < 0.8 * rows[0]["mcos"], rows
+    assert rows[-1]["rec"] < rows[0]["rec"]
+
+
+def test_dit_learns_on_latents():
+    torch.manual_seed(0)
+    latents = torch.randn(16, 4, 7, 7) * 0.5 + torch.linspace(-1, 1, 4)[None, :, None, None]
+    y = torch.arange(16) % 10
+    model = DiT(dit_config("micro", image_size=7, in_channels=4, patch_size=1, swiglu=True, rope=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        out = rf_loss(model, latents, y, True, 1.0)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["mse"].item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])
+
+
+def test_latent_dit_end_to_end_train_and_sample(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train_vavae.main(ae_cfg(steps=3, run_name="ae", align=False))
+    ae_ckpt = tmp_path / AE_STAGE / "ae" / "ckpt.pt"
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", device="cpu", steps=4, sample_steps=2,
+                             run_name="lat", latents=str(ae_ckpt))
+    train.main(cfg)
+    ckpt = torch.load(tmp_path / "04_dit" / "lat" / "ckpt.pt", weights_only=True)
+    assert ckpt["ema"]["x_embedder.weight"].shape[1] == 4  # patch 1 x 1 x 4 channels
+    assert "latent_std" in ckpt["autoencoder"]
+    out = tmp_path / "s.npz"
+    sample.main(["--ckpt", str(tmp_path / "04_dit" / "lat" / "ckpt.pt"), "--num-samples", "10", "--steps", "2",
+                 "--out", str(out), "--device", "cpu"])
+    data = np.load(out)
+    assert data["images"].dtype == np.uint8 and data["images"].shape == (10, 1, 28, 28)
+    with pytest.raises(UserError):  # --latents must name an autoencoder checkpoint
+        train.main(config_from_preset(train.TrainConfig, train.PRESETS, "smoke", device="cpu", steps=2,
+                                      run_name="bad", latents=str(tmp_path / "04_dit" / "lat" / "ckpt.pt")))
+
+
+def test_ddim_leaves_latents_unclipped():
+    """Latents are not confined to [-1, 1]: with clip=False the DDIM sampler reaches a point outside it."""
+    from diffusion import ddim_sample, linear_alpha_bar
+
+    alpha_bar = linear_alpha_bar()
+    x_star = torch.full((1, 4, 7, 7), 2.5)
+
+    def eps_oracle(x, t, y):  # the exact eps-prediction for data = the single point x_star
+        ab = alpha_bar[t.long()].float()[:, None, None, None]
+        return (x - ab.sqrt() * x_star) / (1 - ab).sqrt()
+
+    noise, y = torch.randn(2, 4, 7, 7), torch.zeros(2, dtype=torch.long)
+    free = ddim_sample(eps_oracle, noise, y, 10, 1.0, 10, alpha_bar=alpha_bar, clip=False)
+    assert torch.allclose(free, x_star.expand(2, -1, -1, -1), atol=1e-3)
+    assert ddim_sample(eps_oracle, noise, y, 10, 1.0, 10, alpha_bar=alpha_bar).max() <= 1.0 + 1e-5
+
+
+def test_vavae_cli_defaults_and_errors(tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    from shared.testing import run_script
+
+    assert dataclasses.asdict(train_vavae.TrainConfig()) == dataclasses.asdict(
+        config_from_preset(train_vavae.TrainConfig, train_vavae.PRESETS, "default"))
+    proc = run_script(Path(train_vavae.__file__), "--width", "-2", experiments=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
