@@ -59,7 +59,8 @@ def bench_stage(stage: str, args, tmp: Path) -> dict:
     def per_image_ms(extra: list[str]) -> float:
         small, large = args.samples // 4, args.samples
         cmd = [sys.executable, str(ROOT / "benchmarks" / "time_sampling.py"), "--counts", str(small), str(large),
-               "--", "--ckpt", ckpt, "--device", args.device, "--batch-size", str(args.samples), *extra]
+               "--repeats", str(args.repeats), "--", "--ckpt", ckpt, "--device", args.device,
+               "--batch-size", str(args.samples), *extra]
         seconds = json.loads(run(cmd, cwd, env).strip().splitlines()[-1])["seconds"]
         return round(1000 * (seconds[1] - seconds[0]) / (large - small), 3)
 
@@ -77,6 +78,7 @@ def main():
     parser.add_argument("--steps", type=int, default=30, help="training steps to time")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
     parser.add_argument("--samples", type=int, default=256, help="samples timed (and a quarter as many)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed sampling calls per count (the fastest kept)")
     parser.add_argument("--nfe", type=int, nargs="*", default=[10, 50], help="sampler steps to time (diffusion)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
