@@ -48,17 +48,19 @@ def test_clip_loss_falls_and_zero_shot_beats_chance():
     assert train.zero_shot_accuracy(model, tok, test_x, test_y, "cpu") > 0.3  # chance is 0.1
 
 
-def test_flow_loss_falls():
+@pytest.mark.parametrize("two_digit, width, steps", [(False, 28, 150), (True, 56, 100)])
+def test_flow_loss_falls(two_digit, width, steps):
     torch.manual_seed(0)
     tok = Tokenizer()
-    model = train.build(train.TrainConfig(clip_size="tiny", dit_size="tiny"), tok)
+    model = train.build(train.TrainConfig(clip_size="tiny", dit_size="tiny", two_digit=two_digit), tok)
     images, labels = load_images("synthetic")
-    x, ids, _ = train.make_batch(images[:32], labels[:32], tok, p_small=0.0)
+    x, ids, _ = train.make_batch(images[:32], labels[:32], tok, p_small=0.0, two_digit=two_digit)
+    assert x.shape == (32, 1, 28, width)
     cond = model.condition(ids)
     opt = torch.optim.AdamW(model.dit.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(150):
+    for _ in range(steps):
         t, eps = torch.rand(32, generator=g), torch.randn(x.shape, generator=g)
         loss = train.rectified_flow_loss(model.velocity, x, cond, t, eps)
         opt.zero_grad()
