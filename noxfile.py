@@ -5,7 +5,8 @@ install, made once by the README's set-up, never once per session. Sessions are 
 stage folders present (``01_vae`` ...): ``tests-<stage>`` runs that stage's pytest in its own process (each
 stage has its own ``model.py``), ``smoke-<stage>`` trains for seconds and samples through the real CLIs, and
 ``ddp-<stage>`` trains the smoke preset with ``torchrun --nproc_per_node=2`` on CPU (gloo), so multi-GPU
-training is one flag away.
+training is one flag away, and checks that a 2-rank run stopped halfway and resumed ends bit for bit where the
+straight one did.
 """
 
 import os
@@ -67,12 +68,20 @@ def _ddp(stage):
         with tempfile.TemporaryDirectory(prefix=f"ddp-{stage}-") as tmp:
             # One thread per rank: two ranks share this machine's cores.
             env = {"SCRATCHGEN_EXPERIMENTS": tmp, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-            session.run(PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                        "--preset", "smoke", "--run-name", "ddp", "--device", "cpu", env=env, external=True)
-            check = ("import sys, torch; c = torch.load(sys.argv[1], weights_only=True); "
-                     "assert c['world_size'] == 2 and c['step'] == c['config']['steps'], "
-                     "(c.get('world_size'), c['step']); print('ranks', c['world_size'], 'step', c['step'])")
-            session.run(PY, "-c", check, os.path.join(tmp, stage, "ddp", "ckpt.pt"), external=True)
+            torchrun = (PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        "--preset", "smoke", "--device", "cpu")
+            session.run(*torchrun, "--run-name", "ddp", env=env, external=True)
+            import torch
+
+            ckpt = torch.load(os.path.join(tmp, stage, "ddp", "ckpt.pt"), weights_only=True)
+            steps = ckpt["step"]
+            if ckpt["world_size"] != 2 or steps != ckpt["config"]["steps"] or len(ckpt["rng_ranks"]) != 2:
+                session.error(f"expected a finished 2-rank run, got {ckpt['world_size']} ranks at step {steps}")
+            # The same run stopped halfway and resumed must end bit for bit where the straight one did.
+            session.run(*torchrun, "--run-name", "ddp-resumed", "--stop-at", str(steps // 2), env=env, external=True)
+            session.run(*torchrun, "--run-name", "ddp-resumed", "--resume", "auto", env=env, external=True)
+            ckpts = [os.path.join(tmp, stage, name, "ckpt.pt") for name in ("ddp", "ddp-resumed")]
+            session.run(PY, "-m", "shared.testing", "same-training", *ckpts, env=env, external=True)
 
 
 @nox.session(name="bench", venv_backend="none")

@@ -166,8 +166,12 @@ class Run:
                 first = str(err).strip().splitlines()[0]
                 raise UserError(f"{self.resume_from} does not fit this configuration ({first})") from None
         self.step = int(ckpt["step"])
-        set_rng_state(ckpt["rng"])
-        if self.dist.enabled:  # ranks must not share noise after a resume
+        states = ckpt.get("rng_ranks") or [ckpt["rng"]]  # one RNG state per rank of the run that saved it
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank])
+        else:  # a different number of ranks: no exact continuation exists, but ranks must not share noise
+            print0(f"resuming a {len(states)}-process run on {self.dist.world_size}: "
+                   "training continues, but not bit for bit as it would have")
             seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
         if self.is_main:  # forget what the interrupted run logged after its last checkpoint
             kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
@@ -254,11 +258,17 @@ class Run:
     def save_checkpoint(self, **objects) -> Path:
         """Atomically write the state of ``objects`` (name -> module/optimizer/...), the RNG and provenance."""
         self.flush(self.step)  # never save weights that a NaN has already reached
+        states = [rng_state()]
+        if self.dist.enabled:  # every rank's RNG, so that a resumed multi-process run continues exactly
+            states = [None] * self.dist.world_size
+            dist.all_gather_object(states, rng_state())
         if self.is_main:
             payload = provenance(self.stage, dataclasses.asdict(self.cfg), self.cfg.seed, self.step)
             payload["world_size"] = self.dist.world_size
             payload.update({name: _unwrap(obj).state_dict() for name, obj in objects.items()})
-            payload["rng"] = rng_state()
+            payload["rng"] = states[0]
+            if len(states) > 1:
+                payload["rng_ranks"] = states
             save_checkpoint(payload, self.ckpt_path)
         return self.ckpt_path
 

@@ -58,6 +58,13 @@ def checkpoints_equal(a: dict, b: dict, keys=("model",)) -> bool:
     return all(_same(a[key], b[key]) for key in keys)
 
 
+def same_training(a: dict, b: dict) -> list[str]:
+    """What differs between two checkpoints of one training: every key but when it was written and the run's
+    name and resume flags (weights, optimizer states, step, ranks, RNG states); empty when none."""
+    skip = {"created", "config"}
+    return sorted(k for k in a.keys() | b.keys() if k not in skip and not (k in a and k in b and _same(a[k], b[k])))
+
+
 def run_interrupted_and_straight(main, cfg, stop_at: int, experiments: Path) -> tuple[dict, dict]:
     """Train ``cfg`` once straight through, and once stopped at ``stop_at`` then resumed with ``--resume``.
 
@@ -79,3 +86,25 @@ def run_script(script: Path, *args: str, experiments: Path | None = None, timeou
         env["SCRATCHGEN_EXPERIMENTS"] = str(experiments)
     return subprocess.run([sys.executable, str(script), *args], cwd=script.parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def main(argv=None) -> int:
+    """``python -m shared.testing same-training A.pt B.pt``: exit 1 unless the two checkpoints are one training."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("check", choices=["same-training"])
+    parser.add_argument("ckpts", nargs=2, type=Path)
+    args = parser.parse_args(argv)
+    a, b = (torch.load(p, weights_only=True) for p in args.ckpts)
+    differ = same_training(a, b)
+    ranks = a.get("world_size", 1)
+    if differ:
+        print(f"{args.ckpts[0]} and {args.ckpts[1]} differ in: {', '.join(differ)}")
+        return 1
+    print(f"same training: step {a['step']}, {ranks} rank(s), weights, optimizer and RNG states bit for bit")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
