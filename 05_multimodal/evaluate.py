@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return result
+    if args.num_samples < 10 * len(ATTRIBUTE_PROMPTS):  # each attribute is asked of 10 prompts in turn
+        raise UserError(f"--num-samples must be at least {10 * len(ATTRIBUTE_PROMPTS)} so that every attribute is "
+                        f"prompted, got {args.num_samples}")
     test_x, test_y = load_images("mnist", train=False)
     acc, confusion = zero_shot(model, tok, test_x, test_y, device)
     result = {"ckpt": str(path), "weights": args.weights, "cfg_scale": scale, "sample_steps": steps,

@@ -1,6 +1,7 @@
 import dataclasses
 from pathlib import Path
 
+import evaluate as evaluate_script
 import numpy as np
 import pytest
 import sample as sample_script
@@ -109,7 +110,7 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
-def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch):
+def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu", run_name="s")
     train.main(cfg)
@@ -129,6 +130,9 @@ def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch):
     assert np.load(out)["images"].shape == (4, 1, 28, 28)
     with pytest.raises(UserError, match="unknown word 'purple'"):
         sample_script.main(["--ckpt", ckpt, "--prompt", "a purple 7", "--out", str(out)])
+    # Attribute adherence asks each attribute of 10 prompts in turn: fewer samples would leave one unasked.
+    capsys.readouterr()  # forget the training's progress bar
+    assert "at least 60" in one_line_exit(capsys, evaluate_script.main, ["--ckpt", ckpt, "--num-samples", "20"])
 
 
 def test_readme_references_exist():

@@ -1,0 +1,132 @@
+"""One device-tool call's worth of GPU work: train named stages' `full` preset for a fixed number of minutes
+each, evaluate what they reached with the stage's own evaluation command, and put everything a session needs
+for the results table into one folder (the device tool brings back at most 8 files, so each stage's outputs
+travel as one .tar.gz).
+
+    python3 benchmarks/gpu_full.py --out $OUT 04_dit:4 03_ddpm:3            # on the GPU machine
+    python benchmarks/gpu_full.py --out /tmp/g --preset smoke --device cpu --num-samples 100 01_vae:0.2
+
+`STAGE:MINUTES` trains STAGE with `--max-minutes MINUTES` (the run stops cleanly, checkpoints and samples, as
+at a normal end); the summary records the step reached, the wall time, images/s and the evaluation's JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each stage's evaluation as its README gives it; {ckpt}, {n}, {dev} and {json} are filled in per run.
+EVAL = {
+    "01_vae": [["likelihood.py", "--ckpt", "{ckpt}", "--k", "5000", "--num-test", "{n}", "--device", "{dev}",
+                "--json", "{json}"]],
+    "02_gan": [["sample.py", "--ckpt", "{ckpt}", "--num-samples", "{n}", "--out", "{npz}", "--device", "{dev}"],
+               ["-m", "shared.evaluate", "{npz}", "--parzen", "--json", "{json}", "--device", "{dev}"]],
+    "03_ddpm": [["sample.py", "--ckpt", "{ckpt}", "--num-samples", "{n}", "--sampler", "ddim", "--steps", "50",
+                 "--out", "{npz}", "--device", "{dev}"],
+                ["-m", "shared.evaluate", "{npz}", "--json", "{json}", "--device", "{dev}"]],
+    "04_dit": [["sample.py", "--ckpt", "{ckpt}", "--num-samples", "{n}", "--cfg-scale", "2", "--steps", "25",
+                "--sampler", "heun", "--out", "{npz}", "--device", "{dev}"],
+               ["-m", "shared.evaluate", "{npz}", "--json", "{json}", "--device", "{dev}"]],
+    "05_multimodal": [["evaluate.py", "--ckpt", "{ckpt}", "--num-samples", "{n}", "--json", "{json}",
+                       "--device", "{dev}"]],
+}
+
+
+def run(cmd: list[str], cwd: Path, log) -> float:
+    """Run one command from ``cwd`` with the repo importable; its output goes to ``log``; returns seconds."""
+    t0 = time.monotonic()
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {result.returncode} (see the log)")
+    return time.monotonic() - t0
+
+
+def images_per_second(metrics: Path, batch_size: int) -> float | None:
+    """Training throughput from the logged timestamps, the first logged interval (start-up) left out."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"time"' in line]
+    if len(rows) < 3:
+        return None
+    (s0, t0), (s1, t1) = (rows[1]["step"], rows[1]["time"]), (rows[-1]["step"], rows[-1]["time"])
+    return (s1 - s0) * batch_size / (t1 - t0) if s1 > s0 and t1 > t0 else None
+
+
+def shrink_checkpoint(path: Path, limit: int = 15 * 2**20) -> bool:
+    """Drop the optimizer states from a checkpoint over ``limit`` bytes so that it can travel back (the
+    weights, EMA, config and provenance stay; sampling and evaluation need nothing else)."""
+    if path.stat().st_size <= limit:
+        return False
+    import torch
+
+    ckpt = torch.load(path, weights_only=True)
+    optimizers = [k for k, v in ckpt.items() if isinstance(v, dict) and {"state", "param_groups"} <= v.keys()]
+    torch.save({k: v for k, v in ckpt.items() if k not in optimizers}, path)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="STAGE:MINUTES, e.g. 04_dit:4")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the summary and one .tar.gz per stage")
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
+    parser.add_argument("--num-samples", type=int, default=10_000, help="samples (01: test images) to evaluate")
+    args = parser.parse_args(argv)
+    plans = []
+    for spec in args.runs:
+        stage, _, minutes = spec.partition(":")
+        if stage not in EVAL or not minutes:
+            parser.error(f"{spec!r}: expected STAGE:MINUTES with STAGE one of {', '.join(EVAL)}")
+        plans.append((stage, float(minutes)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "work"
+    summary = []
+    for stage, minutes in plans:
+        stage_dir, exp = ROOT / stage, work / stage
+        exp.mkdir(parents=True, exist_ok=True)
+        os.environ["SCRATCHGEN_EXPERIMENTS"] = str(exp)
+        row = {"stage": stage, "preset": args.preset, "max_minutes": minutes, "amp": args.amp}
+        with open(exp / "log.txt", "w") as log:
+            try:
+                train = [sys.executable, "train.py", "--preset", args.preset, "--run-name", "gpu", "--device",
+                         args.device, "--max-minutes", str(minutes), *(["--amp"] if args.amp else [])]
+                row["train_seconds"] = round(run(train, stage_dir, log), 1)
+                ckpt = exp / stage / "gpu" / "ckpt.pt"
+                config = json.loads((ckpt.parent / "config.json").read_text())
+                row["step"] = max(json.loads(line)["step"] for line in (ckpt.parent / "metrics.jsonl").open())
+                row["images_per_s"] = images_per_second(ckpt.parent / "metrics.jsonl", config["batch_size"])
+                fill = dict(ckpt=str(ckpt), n=str(args.num_samples), dev=args.device, json=str(exp / "eval.json"),
+                            npz=str(exp / "samples.npz"))
+                t_eval = sum(run([sys.executable, *(a.format(**fill) for a in cmd)], stage_dir, log)
+                             for cmd in EVAL[stage])
+                row["eval_seconds"] = round(t_eval, 1)
+                row["eval"] = json.loads((exp / "eval.json").read_text())
+            except Exception as err:  # keep going: the next stage's minutes are already paid for
+                row["error"] = str(err)
+        (exp / "samples.npz").unlink(missing_ok=True)  # large; the checkpoint reproduces it
+        ckpt = exp / stage / "gpu" / "ckpt.pt"
+        if ckpt.is_file() and shrink_checkpoint(ckpt):
+            row["optimizer_states_dropped"] = True
+        with tarfile.open(args.out / f"{stage}.tar.gz", "w:gz") as tar:
+            tar.add(exp, arcname=stage)
+        summary.append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(work)
+    return 0 if all("error" not in r for r in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
