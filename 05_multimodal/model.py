@@ -41,7 +41,8 @@ class MMDiTConfig:
     mlp_ratio: int = 4
     text_width: int = 64     # = CLIPConfig.width
     text_len: int = 16       # = CLIPConfig.max_len
-    text_pos: bool = False   # learned positions on the text tokens (the two-digit canvas needs word order)
+    text_pos: str = "none"   # positions on the text tokens: none | learned | sincos (the two-digit canvas needs them)
+    image_pos: str = "learned"  # positions on the image patches: learned | sincos
 
 
 CLIP_SIZES = {"tiny": dict(width=32, depth=1, heads=2, embed_dim=32, conv_width=8),
@@ -166,6 +167,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def sincos_positions(n: int, dim: int) -> torch.Tensor:
+    """Fixed positions 0..n-1 as sinusoids (Vaswani et al. 2017): (n, dim), each row of norm sqrt(dim / 2),
+    about the norm of the token states they are added to, so position is heard from the first step."""
+    return timestep_embedding(torch.arange(n) / 1000, dim)
+
+
+def sincos_positions_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D positions: half the channels encode the row, half the column: (1, rows * cols, dim)."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.cat([timestep_embedding(r.flatten() / 1000, dim // 2),
+                      timestep_embedding(c.flatten() / 1000, dim // 2)], dim=-1)[None]
+
+
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: LayerNorm(h) * (1 + scale) + shift, with (B, D) shift/scale broadcast over tokens."""
     return h * (1 + scale[:, None]) + shift[:, None]
@@ -231,9 +245,17 @@ class MMDiT(nn.Module):
         self.grid = (cfg.height // p, cfg.width_px // p)
         n_patches = self.grid[0] * self.grid[1]
         self.patchify = nn.Conv2d(cfg.channels, D, p, p)  # (B, C, H, W) -> (B, D, H/p, W/p)
-        self.pos_emb = nn.Parameter(0.02 * torch.randn(1, n_patches, D))
+        if cfg.image_pos == "sincos":
+            self.register_buffer("pos_emb", sincos_positions_2d(*self.grid, D), persistent=False)
+        else:
+            self.pos_emb = nn.Parameter(0.02 * torch.randn(1, n_patches, D))
         self.text_in = nn.Linear(cfg.text_width, D)
-        self.text_pos = nn.Parameter(0.02 * torch.randn(1, cfg.text_len, D)) if cfg.text_pos else None
+        if cfg.text_pos == "sincos":
+            self.register_buffer("text_pos", sincos_positions(cfg.text_len, D)[None], persistent=False)
+        elif cfg.text_pos == "learned":
+            self.text_pos = nn.Parameter(0.02 * torch.randn(1, cfg.text_len, D))
+        else:
+            self.text_pos = None
         self.t_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.y_mlp = nn.Sequential(nn.Linear(cfg.text_width, D), nn.SiLU(), nn.Linear(D, D))
         self.blocks = nn.ModuleList(MMDiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))

@@ -8,7 +8,7 @@ import torch
 import train
 from captions import Tokenizer, attribute_levels, parse_prompt, parse_two_digit, two_digit_batch, two_digit_prompts
 from evaluate import classify_halves, two_digit_scores
-from model import MMDIT_SIZES, MMDiT, MMDiTConfig
+from model import MMDIT_SIZES, MMDiT, MMDiTConfig, sincos_positions, sincos_positions_2d
 
 from shared.classifier import load_classifier, predict
 from shared.cli import config_from_preset
@@ -68,27 +68,51 @@ def test_scorer_counts_a_swapped_pair_as_wrong():
 
 def test_text_positions_make_the_mmdit_hear_word_order():
     """Without positions, joint attention treats the text tokens as a set: permuting them (states and mask
-    together) leaves the image output unchanged. With ``text_pos`` it does not."""
+    together) leaves the image output unchanged. With learned or sin-cos ``text_pos`` it does not."""
     torch.manual_seed(0)
     z, t = torch.randn(2, 1, 28, 56), torch.rand(2)
     states, pooled = torch.randn(2, 16, 32), torch.randn(2, 32)
     keep = torch.ones(2, 16, dtype=torch.bool)
     perm = torch.randperm(16)
-    for text_pos in (False, True):
+    for text_pos in ("none", "learned", "sincos"):
         model = MMDiT(MMDiTConfig(**MMDIT_SIZES["tiny"], text_width=32, width_px=56, text_pos=text_pos))
         for p in model.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
         out = model(z, t, states, keep, pooled)
         moved = model(z, t, states[:, perm], keep[:, perm], pooled)
         assert out.shape == (2, 1, 28, 56)
-        assert torch.allclose(out, moved, atol=1e-5) != text_pos
+        assert torch.allclose(out, moved, atol=1e-5) == (text_pos == "none")
+
+
+def test_sincos_positions_compare_by_offset_only():
+    """<P_i, P_j> = sum_k cos(w_k (i - j)): the similarity of two fixed positions depends only on their offset,
+    every row has norm sqrt(dim / 2), and the 2-D table is a row half and a column half."""
+    P = sincos_positions(16, 64)
+    gram = P @ P.T
+    for offset in range(1, 8):
+        diagonal = torch.diagonal(gram, offset)
+        assert torch.allclose(diagonal, diagonal[0].expand_as(diagonal), atol=1e-4)
+    assert gram[0, 1] < gram[0, 0] and torch.allclose(P.norm(dim=1), torch.full((16,), 32 ** 0.5))
+    grid = sincos_positions_2d(7, 14, 64)[0].view(7, 14, 64)
+    assert torch.equal(grid[2, :, :32], grid[2, :1, :32].expand(14, 32))  # same row, same row half
+    assert torch.equal(grid[:, 5, 32:], grid[:1, 5, 32:].expand(7, 32))  # same column, same column half
+    assert not torch.equal(grid[0, 0, 32:], grid[0, 1, 32:])
+
+
+@pytest.mark.parametrize("image_pos", ["learned", "sincos"])
+def test_fixed_positions_are_not_parameters(image_pos):
+    model = MMDiT(MMDiTConfig(**MMDIT_SIZES["tiny"], text_width=32, width_px=56, text_pos="sincos",
+                              image_pos=image_pos))
+    names = {name for name, _ in model.named_parameters()}
+    assert "text_pos" not in names and ("pos_emb" in names) == (image_pos == "learned")
+    assert "text_pos" not in model.state_dict()  # a buffer made from the config, not saved
 
 
 def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
     cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu")
     straight, resumed = run_interrupted_and_straight(train.main, cfg, 6, tmp_path)  # stopped in the MMDiT phase
     assert checkpoints_equal(straight, resumed, keys=("model", "ema"))
-    assert straight["model"]["dit.pos_emb"].shape[1] == 7 * 14 and "dit.text_pos" in straight["model"]
+    assert "dit.pos_emb" not in straight["model"] and "dit.text_pos" not in straight["model"]  # fixed sin-cos
     out = tmp_path / "two.npz"
     sample_script.main(["--ckpt", str(tmp_path / train.STAGE / "straight" / "ckpt.pt"), "--num-samples", "4",
                         "--out", str(out), "--device", "cpu", "--prompt", "a small 3 to the left of a bold 8",
@@ -104,6 +128,10 @@ def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
 
 @pytest.mark.parametrize("two_digit", [False, True])
 def test_single_digit_model_is_unchanged_by_the_flag(two_digit):
-    """The default model has no text positions and a 28-wide canvas, so pretrained/mnist.pt still loads."""
+    """The default model has no text positions, learned patch positions and a 28-wide canvas, so
+    pretrained/mnist.pt still loads; the two-digit model has fixed sin-cos positions on both streams."""
     dit = train.build(train.TrainConfig(two_digit=two_digit), Tokenizer()).dit
     assert (dit.text_pos is not None) == two_digit and dit.cfg.width_px == (56 if two_digit else 28)
+    assert isinstance(dit.pos_emb, torch.nn.Parameter) != two_digit
+    learned = train.build(train.TrainConfig(two_digit=True, image_pos="learned", text_pos="learned"), Tokenizer()).dit
+    assert isinstance(learned.pos_emb, torch.nn.Parameter) and isinstance(learned.text_pos, torch.nn.Parameter)
