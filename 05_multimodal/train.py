@@ -57,8 +57,8 @@ class TrainConfig(CommonConfig):
                           "with 'left of' / 'right of' captions (the CLIP phase is unchanged)")
     text_pos: str = arg("sincos", "positions on the MMDiT's text tokens in a --two-digit run (fixed sin-cos, "
                         "learned or none)", ("sincos", "learned", "none"))
-    image_pos: str = arg("auto", "positions on the MMDiT's image patches: fixed sin-cos or learned; auto: sincos "
-                         "with --two-digit (README, section 6), learned otherwise", ("auto", "sincos", "learned"))
+    image_pos: str = arg("sincos", "positions on the MMDiT's image patches: fixed 2-D sin-cos or learned (README, "
+                         "section 6)", ("sincos", "learned"))
 
 
 GRID_PROMPTS = ("a {n}", "a thick {w}", "a thin {w}", "a slanted {n}", "an upright {w}", "a small {w}",
@@ -98,16 +98,8 @@ def build(cfg: TrainConfig, tok: Tokenizer) -> TextToImage:
     clip_cfg = CLIPConfig(vocab_size=len(tok), max_len=tok.max_len, **CLIP_SIZES[cfg.clip_size])
     dit_cfg = MMDiTConfig(patch=cfg.patch, text_width=clip_cfg.width, text_len=tok.max_len,
                           width_px=56 if cfg.two_digit else 28, text_pos=cfg.text_pos if cfg.two_digit else "none",
-                          image_pos=image_positions(cfg), **MMDIT_SIZES[cfg.dit_size])
+                          image_pos=cfg.image_pos, **MMDIT_SIZES[cfg.dit_size])
     return TextToImage(clip_cfg, dit_cfg)
-
-
-def image_positions(cfg: TrainConfig) -> str:
-    """Learned positions start near zero and the two-digit canvas never learned which side a patch is on; the
-    single-digit default keeps them so that pretrained/mnist.pt still loads."""
-    if cfg.image_pos == "auto":
-        return "sincos" if cfg.two_digit else "learned"
-    return cfg.image_pos
 
 
 @torch.no_grad()

@@ -127,11 +127,11 @@ def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
 
 
 @pytest.mark.parametrize("two_digit", [False, True])
-def test_single_digit_model_is_unchanged_by_the_flag(two_digit):
-    """The default model has no text positions, learned patch positions and a 28-wide canvas, so
-    pretrained/mnist.pt still loads; the two-digit model has fixed sin-cos positions on both streams."""
+def test_two_digit_flag_widens_the_canvas_and_adds_text_positions(two_digit):
+    """Both models have fixed 2-D sin-cos patch positions; only the two-digit one hears word positions."""
     dit = train.build(train.TrainConfig(two_digit=two_digit), Tokenizer()).dit
     assert (dit.text_pos is not None) == two_digit and dit.cfg.width_px == (56 if two_digit else 28)
-    assert isinstance(dit.pos_emb, torch.nn.Parameter) != two_digit
+    assert not isinstance(dit.pos_emb, torch.nn.Parameter)
+    assert dit.pos_emb.shape == (1, 7 * (14 if two_digit else 7), 64)
     learned = train.build(train.TrainConfig(two_digit=True, image_pos="learned", text_pos="learned"), Tokenizer()).dit
     assert isinstance(learned.pos_emb, torch.nn.Parameter) and isinstance(learned.text_pos, torch.nn.Parameter)
