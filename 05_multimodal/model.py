@@ -42,7 +42,7 @@ class MMDiTConfig:
     text_width: int = 64     # = CLIPConfig.width
     text_len: int = 16       # = CLIPConfig.max_len
     text_pos: str = "none"   # positions on the text tokens: none | learned | sincos (the two-digit canvas needs them)
-    image_pos: str = "learned"  # positions on the image patches: learned | sincos
+    image_pos: str = "sincos"  # positions on the image patches: sincos | learned
 
 
 CLIP_SIZES = {"tiny": dict(width=32, depth=1, heads=2, embed_dim=32, conv_width=8),
@@ -170,7 +170,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 def sincos_positions(n: int, dim: int) -> torch.Tensor:
     """Fixed positions 0..n-1 as sinusoids (Vaswani et al. 2017): (n, dim), each row of norm sqrt(dim / 2),
     about the norm of the token states they are added to, so position is heard from the first step."""
-    return timestep_embedding(torch.arange(n) / 1000, dim)
+    return timestep_embedding(torch.arange(n) / 1000, dim)  # it scales its input by 1000: position n goes in as n/1000
 
 
 def sincos_positions_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
