@@ -7,7 +7,9 @@ Pictures (confusion matrix, prompt grid, guidance sweep) go to --assets when giv
 
 A checkpoint trained with `train.py --two-digit` is measured on the compositional test instead: each 28 x 56
 sample is cut into its left and right 28 x 28 halves, the shared classifier reads each, and a prompt counts
-only when both digits are right and in the asked order (picture: two_digit_grid.png).
+only when both digits are right and in the asked order (picture: two_digit_grid.png). Prompts that ask opposite
+levels of one attribute of the two sides ("a thin 0 to the left of a thick 1") check that each adjective lands on
+its own digit (attribute_binding; picture: two_digit_binding.png).
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ import time
 from pathlib import Path
 
 import torch
-from captions import DIGIT_WORDS, article, attribute_levels, captions_for, two_digit_caption, two_digit_prompts
+from captions import (
+    DIGIT_WORDS,
+    article,
+    attribute_levels,
+    captions_for,
+    ink_height,
+    slant,
+    stroke_thickness,
+    two_digit_caption,
+    two_digit_prompts,
+)
 from sample import STAGE_DIR, generate, load_model
 from train import STAGE, class_prompt_ids, grid_prompts, zero_shot_logits
 
@@ -104,6 +116,46 @@ def two_digit_scores(pred: torch.Tensor, asked: torch.Tensor) -> dict:
             "doubled": doubled.float().mean().item()}
 
 
+# attribute -> (pixel measure, adjective asking for less of it, adjective asking for more; "" says nothing)
+BINDING_ATTRIBUTES = {"thickness": (stroke_thickness, "thin", "thick"), "slant": (slant, "backslanted", "slanted"),
+                      "size": (ink_height, "small", "")}
+
+
+def binding_prompts(n: int, adjectives: bool = True) -> tuple[list[str], torch.Tensor, list[str], torch.Tensor]:
+    """n two-digit prompts that ask opposite levels of one attribute of the two sides ("a thick 3 to the left of a
+    thin eight"): (prompts, pairs (n, 2), attribute names, side asked for less of it (n,): 0 left, 1 right).
+
+    Prompt i has the digits and phrasing of :func:`two_digit_prompts`, attribute i % 3, and asks less of it on
+    the left when (i // 30) is even, so that each left digit meets each attribute on both sides. With
+    ``adjectives=False`` the same pairs come plainly: the control, where no side is asked for anything.
+    """
+    _, pairs = two_digit_prompts(n)
+    names = list(BINDING_ATTRIBUTES)
+    prompts, attributes, low_side = [], [], []
+    for i, (a, b) in enumerate(pairs.tolist()):
+        name, low = names[i % 3], (i // 30) % 2
+        less, more = BINDING_ATTRIBUTES[name][1:]
+        left, right = ((less, more) if low == 0 else (more, less)) if adjectives else ("", "")
+        prompts.append(two_digit_caption((a, left), (b, right), left_first=(i // 10) % 2 == 0))
+        attributes.append(name)
+        low_side.append(low)
+    return prompts, pairs, attributes, torch.tensor(low_side)
+
+
+def binding_scores(images: torch.Tensor, attributes: list[str], low_side: torch.Tensor) -> dict:
+    """Per attribute, how often the side asked for less of it measures less than the other side (ties count
+    half; 0.5 is chance). images: float canvases (N, 1, 28, 56) in [0, 1]."""
+    halves = torch.stack([images[..., :28], images[..., 28:]], 1)  # (N, 2, 1, 28, 28)
+    scores = {}
+    for name, (measure, _, _) in BINDING_ATTRIBUTES.items():
+        idx = torch.tensor([i for i, a in enumerate(attributes) if a == name])
+        m = measure(halves[idx].flatten(0, 1)).view(-1, 2)  # (k, 2) = (left, right)
+        low = m.gather(1, low_side[idx, None])[:, 0]
+        high = m.gather(1, 1 - low_side[idx, None])[:, 0]
+        scores[name] = ((low < high).float() + 0.5 * (low == high).float()).mean().item()
+    return scores
+
+
 @torch.no_grad()
 def swap_cosines(model, tok, pairs: torch.Tensor) -> dict:
     """How much the mini-CLIP's text states say about word order: for "a {a} to the left of a {b}" and its swap
@@ -146,6 +198,19 @@ def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, ass
     same_u8 = ((generate(model, tok, prompts, noise, scale, steps, 250).cpu() + 1) * 127.5).round().clamp(0, 255)
     result["same_digit_prompts"] = {"num_prompts": m, **two_digit_scores(
         classify_halves(classifier, same_u8.to(torch.uint8)), torch.stack([same, same], 1))}
+    # binding: opposite levels of one attribute asked of the two sides; the control asks the same pairs plainly
+    # from the same noise, so its score is what the digits and the noise give without any adjective
+    m = max(60, n // 2)
+    noise = torch.randn(m, 1, 28, 56, generator=torch.Generator().manual_seed(2)).to(device)
+    for key, adjectives in (("attribute_binding", True), ("attribute_binding_control", False)):
+        prompts, pairs, attributes, low_side = binding_prompts(m, adjectives)
+        images = (generate(model, tok, prompts, noise, scale, steps, 250).cpu() + 1) / 2
+        pred = classify_halves(classifier, (images * 255).round().clamp(0, 255).to(torch.uint8))
+        result[key] = {"num_prompts": m, **binding_scores(images, attributes, low_side),
+                       "both_in_order": (pred == pairs).all(1).float().mean().item()}
+        if assets and adjectives:
+            pick = torch.cat([torch.arange(12), torch.arange(30, 42)])  # columns: thickness, slant, size
+            save_grid(images[pick], Path(assets) / "two_digit_binding.png", nrow=3, value_range=(0, 1))
     if assets:
         save_grid(u8[:60], Path(assets) / "two_digit_grid.png", nrow=10)
     return result

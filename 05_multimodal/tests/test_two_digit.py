@@ -6,8 +6,19 @@ import pytest
 import sample as sample_script
 import torch
 import train
-from captions import Tokenizer, attribute_levels, parse_prompt, parse_two_digit, two_digit_batch, two_digit_prompts
-from evaluate import classify_halves, two_digit_scores
+from captions import (
+    DIGIT_WORDS,
+    Tokenizer,
+    attribute_levels,
+    parse_prompt,
+    parse_two_digit,
+    shrink,
+    slant,
+    stroke_thickness,
+    two_digit_batch,
+    two_digit_prompts,
+)
+from evaluate import binding_prompts, binding_scores, classify_halves, two_digit_scores
 from model import MMDIT_SIZES, MMDiT, MMDiTConfig, sincos_positions, sincos_positions_2d
 
 from shared.classifier import load_classifier, predict
@@ -64,6 +75,36 @@ def test_scorer_counts_a_swapped_pair_as_wrong():
     assert two_digit_scores(pred, torch.tensor([[3, 8]] * 10))["both_in_order"] == 1.0
     swapped = two_digit_scores(pred, torch.tensor([[8, 3]] * 10))
     assert swapped["both_in_order"] == 0.0 and swapped["swapped"] == 1.0
+
+
+def test_binding_prompts_ask_opposite_levels_on_both_sides_of_every_digit():
+    prompts, pairs, attributes, low_side = binding_prompts(120)
+    assert all(parse_two_digit(p) == tuple(q.tolist()) for p, q in zip(prompts, pairs))
+    assert "a thin zero to the left of a thick one" == prompts[0] and "a small two to the left of a three" == prompts[2]
+    assert "a thin two to the right of a thick zero" == prompts[30]  # the next 30 ask the other way round
+    for p, a, low, (left, right) in zip(prompts, attributes, low_side.tolist(), pairs.tolist()):
+        less = {"thickness": "thin", "slant": "backslanted", "size": "small"}[a]
+        asked_less = left if low == 0 else right
+        assert f"{less} {DIGIT_WORDS[asked_less]}" in p, p
+    met = {(left, a, low) for (left, _), a, low in zip(pairs.tolist(), attributes, low_side.tolist())}
+    assert len(met) == 10 * 3 * 2  # every left digit x attribute x side asked for less
+    plain, plain_pairs, _, _ = binding_prompts(120, adjectives=False)
+    assert torch.equal(plain_pairs, pairs) and plain == two_digit_prompts(120)[0]
+
+
+def test_binding_scorer_reads_each_side_on_its_own():
+    images, _ = load_images("mnist", train=False)
+    x = to_unit(images[:500])
+    thin, thick = x[stroke_thickness(x).argsort()[[0, -1]]]
+    back, forward = x[slant(x).argsort()[[0, -1]]]
+    small = shrink(x[:1], torch.tensor([0.5]))[0]
+    canvases = torch.stack([torch.cat([thin, thick], 2), torch.cat([back, forward], 2),
+                            torch.cat([small, x[0]], 2)])  # (3, 1, 28, 56): less of each attribute on the left
+    attributes = ["thickness", "slant", "size"]
+    assert binding_scores(canvases, attributes, torch.zeros(3, dtype=torch.long)) == dict.fromkeys(attributes, 1.0)
+    assert binding_scores(canvases, attributes, torch.ones(3, dtype=torch.long)) == dict.fromkeys(attributes, 0.0)
+    same = torch.cat([x[:3], x[:3]], 3)  # identical halves: a tie, half right
+    assert binding_scores(same, attributes, torch.zeros(3, dtype=torch.long)) == dict.fromkeys(attributes, 0.5)
 
 
 def test_text_positions_make_the_mmdit_hear_word_order():
@@ -124,6 +165,9 @@ def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
                                    "10", "--device", "cpu", "--assets", str(tmp_path)])  # the two-digit evaluation
     assert result["num_prompts"] == 10 and 0 <= result["both_in_order"] <= result["left_accuracy"] <= 1
     assert 0 < result["clip_swap_cosine"]["pooled"] <= 1 and (tmp_path / "two_digit_grid.png").is_file()
+    binding, control = result["attribute_binding"], result["attribute_binding_control"]
+    assert binding["num_prompts"] == control["num_prompts"] == 60 and (tmp_path / "two_digit_binding.png").is_file()
+    assert all(0 <= binding[k] <= 1 and 0 <= control[k] <= 1 for k in ("thickness", "slant", "size"))
 
 
 @pytest.mark.parametrize("two_digit", [False, True])
