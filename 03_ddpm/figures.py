@@ -2,6 +2,7 @@
 
     python figures.py                       # forward.png, reverse_x0.png, samples.png, interpolation.png
     python figures.py --fid-steps 10,20,50 --fid-samples 1000   # + FID-MNIST of DDIM per S, fid_vs_steps.png
+    python figures.py --no-pictures --fid-ddpm                   # + the 1000-step ancestral sampler's point
     python figures.py --bpd-images 64       # + the variational bound on test images, in bits/dim
 """
 
@@ -64,17 +65,19 @@ def interpolation(model, diffusion: Diffusion, out: Path, pairs: int = 4, n: int
     save_grid(diffusion.sample_ddim(model, x_T.shape, S=S, eta=0.0, x_T=x_T), out, nrow=n)
 
 
-def fid_vs_steps(model, diffusion: Diffusion, steps: list[int], n: int, assets: Path, batch_size: int) -> list:
+def fid_vs_steps(model, diffusion: Diffusion, runs: list[tuple[str, int]], n: int, batch_size: int) -> list:
+    """FID-MNIST of n samples for each (sampler, S): ("ddim", S) with eta = 0, ("ddpm", T) is Algorithm 2."""
     from shared.metrics import evaluate
 
     rows = []
-    for S in steps:
+    for sampler, S in runs:
         t0 = time.time()
-        images = generate(model, diffusion, n, "ddim", S, 0.0, batch_size=batch_size, seed=0)
+        images = generate(model, diffusion, n, sampler, S, 0.0, batch_size=batch_size, seed=0)
         seconds = time.time() - t0
-        save_samples_npz(experiments_dir() / STAGE / "eval" / f"ddim{S}.npz", images)
+        save_samples_npz(experiments_dir() / STAGE / "eval" / f"{sampler}{S}.npz", images)
         scores = evaluate(to_uint8(images), device="cpu")
-        row = {"sampler": "ddim", "S": S, "eta": 0.0, "num_samples": n, "sample_seconds": round(seconds, 1),
+        row = {"sampler": sampler, "S": S, **({"eta": 0.0} if sampler == "ddim" else {"var": "beta"}),
+               "num_samples": n, "sample_seconds": round(seconds, 1),
                **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -90,7 +93,7 @@ def plot_fid(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for sampler in sorted({r["sampler"] for r in rows}):
         pts = sorted((r["S"], r["fid"]) for r in rows if r["sampler"] == sampler)
-        ax.plot(*zip(*pts), "o-", label=f"{sampler} (eta=0)" if sampler == "ddim" else sampler)
+        ax.plot(*zip(*pts), "o-", label="DDIM (eta=0)" if sampler == "ddim" else "ancestral (Algorithm 2)")
     floor = [r["fid_floor"] for r in rows if "fid_floor" in r]
     if floor:
         ax.axhline(floor[0], color="gray", ls="--", label="floor (real images, same N)")
@@ -110,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="", help="checkpoint (default: newest run, else pretrained/mnist.pt)")
     parser.add_argument("--assets", default=str(Path(__file__).parent / "assets"), help="output folder")
     parser.add_argument("--fid-steps", default="", help="comma-separated DDIM step counts to score, e.g. 10,20,50")
+    parser.add_argument("--fid-ddpm", action="store_true", help="also score the ancestral sampler (all T steps)")
     parser.add_argument("--fid-samples", type=int, default=1000, help="samples per FID point")
     parser.add_argument("--bpd-images", type=int, default=0, help="test images for the bits/dim bound (0: skip)")
     parser.add_argument("--bpd-t", type=int, default=0, help="bits/dim: draws of t (0: all T terms)")
@@ -136,8 +140,9 @@ def main(argv=None):
         save_grid(images, assets / "samples.png")
         interpolation(model, diffusion, assets / "interpolation.png")
         print(f"pictures -> {assets}")
-    if steps:
-        rows = fid_vs_steps(model, diffusion, steps, args.fid_samples, assets, args.batch_size)
+    runs = [("ddim", S) for S in steps] + [("ddpm", diffusion.T)] * args.fid_ddpm
+    if runs:
+        rows = fid_vs_steps(model, diffusion, runs, args.fid_samples, args.batch_size)
         table = assets / "fid_vs_steps.json"  # keep earlier points of other step counts
         old = json.loads(table.read_text()) if table.is_file() else []
         rows = sorted([r for r in old if (r["sampler"], r["S"]) not in {(q["sampler"], q["S"]) for q in rows}] + rows,
