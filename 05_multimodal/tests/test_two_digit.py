@@ -88,6 +88,8 @@ def test_binding_prompts_ask_opposite_levels_on_both_sides_of_every_digit():
         assert f"{less} {DIGIT_WORDS[asked_less]}" in p, p
     met = {(left, a, low) for (left, _), a, low in zip(pairs.tolist(), attributes, low_side.tolist())}
     assert len(met) == 10 * 3 * 2  # every left digit x attribute x side asked for less
+    phrasing = {(" left of " in p, low) for p, low in zip(prompts, low_side.tolist())}
+    assert len(phrasing) == 4  # the side asked for less is not tied to the phrasing
     plain, plain_pairs, _, _ = binding_prompts(120, adjectives=False)
     assert torch.equal(plain_pairs, pairs) and plain == two_digit_prompts(120)[0]
 
