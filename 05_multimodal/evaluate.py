@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 from captions import (
     DIGIT_WORDS,
+    SLANT_EDGES,
+    SMALL_HEIGHT,
+    THICK_EDGES,
     article,
     attribute_levels,
     captions_for,
@@ -46,6 +50,18 @@ ATTRIBUTE_PROMPTS = {  # (attribute, level, adjective) asked for in the attribut
     "left": ("slant", 0, "backslanted"), "upright": ("slant", 1, "upright"), "right": ("slant", 2, "slanted"),
     "small": ("size", 0, "small"),
 }
+
+
+# attribute -> (pixel measure, the cut points between its levels, as captions.py::attribute_levels cuts them)
+LEVEL_EDGES = {"thickness": (stroke_thickness, THICK_EDGES), "slant": (slant, SLANT_EDGES),
+               "size": (ink_height, (SMALL_HEIGHT,))}
+
+
+def miss_distance(values: torch.Tensor, edges: tuple[float, ...], level: int) -> torch.Tensor:
+    """How far each measured value lies outside the band of the asked level (0 inside it): the size of a miss,
+    in the measure's own units (pixels of stroke width, shear, rows of ink)."""
+    bounds = (-math.inf, *edges, math.inf)
+    return (bounds[level] - values).clamp(min=0) + (values - bounds[level + 1]).clamp(min=0)
 
 
 @torch.no_grad()
@@ -175,14 +191,15 @@ def swap_cosines(model, tok, pairs: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, assets: str = "") -> dict:
+def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, assets: str = "",
+                       interval: tuple[float, float] = (0.0, 1.0)) -> dict:
     """The compositional test: n prompts over the 90 ordered pairs of different digits, both phrasings."""
     from shared.classifier import load_classifier
 
     classifier = load_classifier("cpu")
     prompts, asked = two_digit_prompts(n)
     noise = torch.randn(n, 1, 28, 56, generator=torch.Generator().manual_seed(0)).to(device)
-    images = generate(model, tok, prompts, noise, scale, steps, 250)
+    images = generate(model, tok, prompts, noise, scale, steps, 250, interval)
     u8 = ((images.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     pred = classify_halves(classifier, u8)
     left_of = torch.tensor([" left of " in p for p in prompts])  # the phrasing: "to the left of" / "right of"
@@ -195,7 +212,8 @@ def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, ass
     same = torch.arange(m) % 10
     prompts = [two_digit_caption((int(d), ""), (int(d), ""), left_first=True) for d in same]
     noise = torch.randn(m, 1, 28, 56, generator=torch.Generator().manual_seed(1)).to(device)
-    same_u8 = ((generate(model, tok, prompts, noise, scale, steps, 250).cpu() + 1) * 127.5).round().clamp(0, 255)
+    same_images = generate(model, tok, prompts, noise, scale, steps, 250, interval).cpu()
+    same_u8 = ((same_images + 1) * 127.5).round().clamp(0, 255)
     result["same_digit_prompts"] = {"num_prompts": m, **two_digit_scores(
         classify_halves(classifier, same_u8.to(torch.uint8)), torch.stack([same, same], 1))}
     # binding: opposite levels of one attribute asked of the two sides; the control asks the same pairs plainly
@@ -204,7 +222,7 @@ def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, ass
     noise = torch.randn(m, 1, 28, 56, generator=torch.Generator().manual_seed(2)).to(device)
     for key, adjectives in (("attribute_binding", True), ("attribute_binding_control", False)):
         prompts, pairs, attributes, low_side = binding_prompts(m, adjectives)
-        images = (generate(model, tok, prompts, noise, scale, steps, 250).cpu() + 1) / 2
+        images = (generate(model, tok, prompts, noise, scale, steps, 250, interval).cpu() + 1) / 2
         pred = classify_halves(classifier, (images * 255).round().clamp(0, 255).to(torch.uint8))
         result[key] = {"num_prompts": m, **binding_scores(images, attributes, low_side),
                        "both_in_order": (pred == pairs).all(1).float().mean().item()}
@@ -243,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-samples", type=int, default=1000, help="samples for each generation metric")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's)")
     parser.add_argument("--sample-steps", type=int, default=0, help="Euler steps (default: the run's)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                        help="guide only while LO <= t <= HI (t = 1 is noise)")
     parser.add_argument("--json", default="", help="write the numbers here")
     parser.add_argument("--assets", default="", help="write the pictures into this folder")
     parser.add_argument("--device", default="auto")
@@ -255,10 +275,12 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok, cfg = load_model(path, device, args.weights)
     scale = cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
     steps = args.sample_steps or cfg.sample_steps
+    interval = tuple(args.cfg_interval)
     t0 = time.monotonic()
     if cfg.two_digit:
-        result = {"ckpt": str(path), "weights": args.weights, "cfg_scale": scale, "sample_steps": steps,
-                  **evaluate_two_digit(model, tok, args.num_samples, scale, steps, device, args.assets),
+        result = {"ckpt": str(path), "weights": args.weights, "cfg_scale": scale, "cfg_interval": list(interval),
+                  "sample_steps": steps,
+                  **evaluate_two_digit(model, tok, args.num_samples, scale, steps, device, args.assets, interval),
                   "seconds": round(time.monotonic() - t0, 1)}
         print(json.dumps(result), flush=True)
         if args.json:
@@ -269,8 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"prompted, got {args.num_samples}")
     test_x, test_y = load_images("mnist", train=False)
     acc, confusion = zero_shot(model, tok, test_x, test_y, device)
-    result = {"ckpt": str(path), "weights": args.weights, "cfg_scale": scale, "sample_steps": steps,
-              "zero_shot_accuracy": acc,
+    result = {"ckpt": str(path), "weights": args.weights, "cfg_scale": scale, "cfg_interval": list(interval),
+              "sample_steps": steps, "zero_shot_accuracy": acc,
               "retrieval_1000": retrieval(model, tok, test_x[:1000], test_y[:1000], device)}
     print(json.dumps(result), flush=True)
 
@@ -286,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.num_samples
     plain = [f"{article(w)} {w}" for w in DIGIT_WORDS]
     prompts = [plain[i % 10] for i in range(n)]
-    images = generate(model, tok, prompts, torch.randn(n, 1, 28, 28, generator=g).to(device), scale, steps, 500)
+    noise = torch.randn(n, 1, 28, 28, generator=g).to(device)
+    images = generate(model, tok, prompts, noise, scale, steps, 500, interval)
     digits = torch.arange(n) % 10
     u8 = ((images.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     result["plain_prompts"] = {}
@@ -297,16 +320,23 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result["plain_prompts"]), flush=True)
 
     prompts, asked_digits, asked = attribute_prompts(n)
-    images = generate(model, tok, prompts, torch.randn(n, 1, 28, 28, generator=g).to(device), scale, steps, 500)
+    noise = torch.randn(n, 1, 28, 28, generator=g).to(device)
+    images = generate(model, tok, prompts, noise, scale, steps, 500, interval)
     u8 = ((images.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    levels = attribute_levels((images.cpu() + 1) / 2)
-    adherence = {}
+    x01 = (images.cpu() + 1) / 2
+    levels = attribute_levels(x01)
+    adherence, misses = {}, {}
     for key, (name, level, _) in ATTRIBUTE_PROMPTS.items():
         idx = torch.tensor([i for i, a in enumerate(asked) if a == key])
         adherence[key] = (levels[name][idx] == level).float().mean().item()
+        measure, edges = LEVEL_EDGES[name]
+        off = miss_distance(measure(x01[idx]), edges, level)[levels[name][idx] != level]
+        misses[key] = {"count": len(off), "median_distance": off.median().item() if len(off) else 0.0,
+                       "max_distance": off.max().item() if len(off) else 0.0}
     real_levels = attribute_levels(to_unit(test_x))
     result["attribute_prompts"] = {
         "attribute_adherence": adherence,
+        "attribute_misses": misses,  # how far outside the asked band the misses measure
         "real_test_level_fractions": {k: torch.bincount(v, minlength=3).div(len(v)).tolist()
                                       for k, v in real_levels.items()},
         "clip_score": clip_score(model, tok, images, prompts, device),
@@ -325,11 +355,11 @@ def main(argv: list[str] | None = None) -> dict:
         save_confusion(confusion, out / "zero_shot_confusion.png")
         grid, _ = grid_prompts()
         noise = torch.randn(len(grid), 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(device)
-        save_grid(generate(model, tok, grid, noise, scale, steps, 500), out / "prompt_grid.png", nrow=10)
+        save_grid(generate(model, tok, grid, noise, scale, steps, 500, interval), out / "prompt_grid.png", nrow=10)
         sweep_prompts = ["a thick slanted seven", "a thin upright 4", "a small 2", "a bold 0, slanted left"]
         scales = (0.0, 1.0, 2.0, 3.0, 5.0)
         noise = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(2)).to(device)
-        rows = [generate(model, tok, [p] * 8, noise, s, steps, 500) for p in sweep_prompts for s in scales]
+        rows = [generate(model, tok, [p] * 8, noise, s, steps, 500, interval) for p in sweep_prompts for s in scales]
         save_grid(torch.cat(rows), out / "guidance_sweep.png", nrow=8)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -30,6 +30,8 @@ def guided_velocity(velocity, z: torch.Tensor, t: torch.Tensor, cond, null_cond,
     """Eq. (8): v = v(z, t, null) + w (v(z, t, y) - v(z, t, null)), both halves in one batched forward."""
     if scale == 0:
         return velocity(z, t, null_cond)
+    if scale == 1:
+        return velocity(z, t, cond)
     both = tuple(torch.cat([c, n]) for c, n in zip(cond, null_cond))
     v_cond, v_null = velocity(torch.cat([z, z]), torch.cat([t, t]), both).chunk(2)
     return v_null + scale * (v_cond - v_null)  # Eq. (8)
@@ -37,13 +39,18 @@ def guided_velocity(velocity, z: torch.Tensor, t: torch.Tensor, cond, null_cond,
 
 @torch.no_grad()
 def sample(velocity, noise: torch.Tensor, cond, null_cond, scale: float, steps: int = 50,
-           return_path: bool = False):
-    """Eq. (9): Euler steps of dz/dt = v from t = 1 (noise) down to t = 0 (data)."""
+           return_path: bool = False, interval: tuple[float, float] = (0.0, 1.0)):
+    """Eq. (9): Euler steps of dz/dt = v from t = 1 (noise) down to t = 0 (data).
+
+    Guidance interval (Kynkaanniemi et al. 2024): the scale applies only to steps that start at a t inside
+    ``interval``; the other steps use the plain conditional velocity (scale 1).
+    """
     z, path = noise, [noise]
     ts = torch.linspace(1.0, 0.0, steps + 1)
     for i in range(steps):
         t = torch.full((len(z),), float(ts[i]), device=z.device)
-        v = guided_velocity(velocity, z, t, cond, null_cond, scale)
+        guide = interval[0] <= float(ts[i]) <= interval[1]
+        v = guided_velocity(velocity, z, t, cond, null_cond, scale if guide else 1.0)
         z = z + (ts[i + 1] - ts[i]) * v  # Eq. (9), a negative step in t
         path.append(z)
     return (z, path) if return_path else z

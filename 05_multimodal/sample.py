@@ -60,15 +60,16 @@ def read_prompts(args, two_digit: bool = False) -> list[str]:
 
 @torch.no_grad()
 def generate(model: TextToImage, tok: Tokenizer, prompts: list[str], noise: torch.Tensor, scale: float,
-             steps: int, batch_size: int) -> torch.Tensor:
-    """Images in [-1, 1] for ``prompts`` (one per noise image), in batches."""
+             steps: int, batch_size: int, interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Images in [-1, 1] for ``prompts`` (one per noise image), in batches; guidance only for t in ``interval``."""
     device = noise.device
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i: i + batch_size]
         cond = model.condition(tok.batch(chunk, strict=True).to(device))
         null = model.condition(tok.batch([""] * len(chunk)).to(device))
-        out.append(sample(model.velocity, noise[i: i + len(chunk)], cond, null, scale, steps).clamp(-1, 1))
+        out.append(sample(model.velocity, noise[i: i + len(chunk)], cond, null, scale, steps,
+                          interval=interval).clamp(-1, 1))
     return torch.cat(out)
 
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> Path:
                         "(1: plain conditional, 0: unconditional; default: the training run's --cfg-scale)")
     parser.add_argument("--sample-steps", type=int, default=0, help="Euler steps from noise to image (default: "
                         "the training run's --sample-steps)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                        help="guide only while LO <= t <= HI (t = 1 is noise); plain conditional elsewhere")
     parser.add_argument("--weights", default="model", choices=("ema", "model"), help="a training checkpoint's "
                         "raw or EMA weights (raw by default: the EMA has no warm-up and lags after a short run)")
     args = parser.parse_args(argv)
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         base = read_prompts(args, train_cfg.two_digit)
         prompts, nrow = [base[i % len(base)] for i in range(args.num_samples)], (10 if len(base) % 10 == 0 else 8)
-        images = generate(model, tok, prompts, noise, args.cfg_scale, args.sample_steps, args.batch_size)
+        images = generate(model, tok, prompts, noise, args.cfg_scale, args.sample_steps, args.batch_size,
+                          tuple(args.cfg_interval))
     if train_cfg.two_digit:
         digits = torch.tensor([parse_two_digit(p) for p in prompts])  # (N, 2): (left, right)
     else:

@@ -10,6 +10,7 @@ With --two-digit the MMDiT trains on 28 x 56 canvases of two random digits ("a s
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ class TrainConfig(CommonConfig):
     steps: int = arg(5000, "optimizer steps in total: --clip-steps of CLIP, then the MMDiT's", min=2)
     clip_steps: int = arg(1000, "how many of the --steps train the mini-CLIP (the rest train the MMDiT)", min=1)
     lr: float = arg(6e-4, "MMDiT learning rate (AdamW)", min=1e-12)
+    lr_decay: str = arg("constant", "MMDiT learning rate after its 200-step warm-up: constant, or a cosine decay "
+                        "to 0 at the last step", ("constant", "cosine"))
     batch_size: int = arg(64, "images (with their captions) per step", min=1)
     ckpt_every: int = arg(250, "write a checkpoint every N steps (0: only at the end)")
     sample_every: int = arg(1000, "write a sample grid every N steps (0: only at the end)")
@@ -100,6 +103,16 @@ def build(cfg: TrainConfig, tok: Tokenizer) -> TextToImage:
                           width_px=56 if cfg.two_digit else 28, text_pos=cfg.text_pos if cfg.two_digit else "none",
                           image_pos=cfg.image_pos, **MMDIT_SIZES[cfg.dit_size])
     return TextToImage(clip_cfg, dit_cfg)
+
+
+def mmdit_lr(cfg: TrainConfig, step: int) -> float:
+    """The MMDiT's learning rate at a (global) step: linear warm-up over its first 200 steps, then constant or
+    a cosine decay that reaches 0 at --steps."""
+    k, n = step - cfg.clip_steps, cfg.steps - cfg.clip_steps  # MMDiT steps done (1..n) and in all
+    warm = min(1.0, k / 200)
+    if cfg.lr_decay == "cosine":
+        warm *= 0.5 * (1 + math.cos(math.pi * k / n))
+    return cfg.lr * warm
 
 
 @torch.no_grad()
@@ -168,7 +181,7 @@ def main(cfg: TrainConfig):
                 eps = torch.randn_like(x)
                 loss = rectified_flow_loss(velocity, x, cond, t, eps)
                 for group in dit_opt.param_groups:
-                    group["lr"] = cfg.lr * min(1.0, (step - cfg.clip_steps) / 200)
+                    group["lr"] = mmdit_lr(cfg, step)
                 dit_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.dit.parameters(), 1.0)

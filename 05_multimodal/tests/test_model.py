@@ -136,3 +136,20 @@ def test_straight_path_and_exact_velocity_sampler():
     toward = lambda z, t, cond: (z - cond[0]) / t.view(-1, 1, 1, 1)  # noqa: E731
     out = sample(toward, eps, (x0,), (x0,), 1.0, steps=7)
     assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    model = tiny().eval()
+    cond = model.condition(TOK.batch(["a thick 7", "a small 2"]))
+    null = model.condition(TOK.batch(["", ""]))
+    noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    full = sample(model.velocity, noise, cond, null, 4.0, steps=4)
+    assert torch.allclose(sample(model.velocity, noise, cond, null, 4.0, steps=4, interval=(0.0, 1.0)), full)
+    never = sample(model.velocity, noise, cond, null, 4.0, steps=4, interval=(2.0, 3.0))
+    assert torch.allclose(never, sample(model.velocity, noise, cond, null, 1.0, steps=4), atol=1e-5)
+    z = noise  # guided at the steps starting at t = 1 and 0.75, plain conditional at t = 0.5 and 0.25
+    for t, w in ((1.0, 4.0), (0.75, 4.0), (0.5, 1.0), (0.25, 1.0)):
+        z = z - 0.25 * guided_velocity(model.velocity, z, torch.full((2,), t), cond, null, w)
+    early = sample(model.velocity, noise, cond, null, 4.0, steps=4, interval=(0.6, 1.0))
+    assert torch.allclose(early, z, atol=1e-5)
+    assert not torch.allclose(early, full, atol=1e-4) and not torch.allclose(early, never, atol=1e-4)

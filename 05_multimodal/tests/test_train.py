@@ -7,7 +7,7 @@ import pytest
 import sample as sample_script
 import torch
 import train
-from captions import Tokenizer
+from captions import Tokenizer, attribute_levels
 from model import info_nce
 
 from shared import UserError
@@ -27,6 +27,33 @@ def test_resume_is_bit_identical_in_both_phases(tmp_path):
         assert straight["step"] == resumed["step"] == cfg.steps
         assert checkpoints_equal(straight, resumed, keys=("model", "ema"))
     assert straight["model"]["dit.final.weight"].abs().sum() > 0  # the MMDiT phase did train
+
+
+def test_mmdit_learning_rate_warms_up_then_stays_or_decays_to_zero():
+    constant = train.TrainConfig(steps=1400, clip_steps=400, lr=1e-3)
+    cosine = dataclasses.replace(constant, lr_decay="cosine")
+    assert train.mmdit_lr(constant, 401) == pytest.approx(1e-3 / 200)  # first MMDiT step
+    assert train.mmdit_lr(constant, 500) == pytest.approx(0.5e-3)  # half-way through the warm-up
+    assert train.mmdit_lr(constant, 600) == train.mmdit_lr(constant, 1400) == pytest.approx(1e-3)
+    assert train.mmdit_lr(cosine, 900) == pytest.approx(0.5e-3)  # half-way through the MMDiT phase
+    assert train.mmdit_lr(cosine, 1400) == pytest.approx(0.0, abs=1e-12)
+    lrs = [train.mmdit_lr(cosine, s) for s in range(600, 1401)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # falls at every step after the warm-up
+
+
+def test_miss_distance_is_zero_inside_the_asked_band_and_grows_outside_it():
+    v = torch.tensor([-0.5, -0.1, 0.0, 0.29, 0.45])
+    assert torch.allclose(evaluate_script.miss_distance(v, (-0.1, 0.3), 1), torch.tensor([0.4, 0, 0, 0, 0.15]))
+    assert torch.allclose(evaluate_script.miss_distance(v, (-0.1, 0.3), 0), torch.tensor([0, 0, 0.1, 0.39, 0.55]))
+    assert torch.allclose(evaluate_script.miss_distance(v, (-0.1, 0.3), 2), torch.tensor([0.8, 0.4, 0.3, 0.01, 0]))
+    # every real digit lies inside the band of the level that captions.py::attribute_levels gives it
+    x, _ = load_images("mnist", train=False)
+    x = x[:300].float() / 255
+    for name, level in attribute_levels(x).items():
+        measure, edges = evaluate_script.LEVEL_EDGES[name]
+        values = measure(x)
+        assert all(evaluate_script.miss_distance(values[level == k], edges, k).max() == 0 for k in level.unique())
+        assert evaluate_script.miss_distance(values[level != 0], edges, 0).min() > 0  # and outside the others
 
 
 def test_clip_loss_falls_and_zero_shot_beats_chance():
