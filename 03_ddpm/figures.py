@@ -65,23 +65,36 @@ def interpolation(model, diffusion: Diffusion, out: Path, pairs: int = 4, n: int
     save_grid(diffusion.sample_ddim(model, x_T.shape, S=S, eta=0.0, x_T=x_T), out, nrow=n)
 
 
-def fid_vs_steps(model, diffusion: Diffusion, runs: list[tuple[str, int]], n: int, batch_size: int) -> list:
-    """FID-MNIST of n samples for each (sampler, S): ("ddim", S) with eta = 0, ("ddpm", T) is Algorithm 2."""
+def fid_vs_steps(model, diffusion: Diffusion, runs: list[tuple[str, int, float]], n: int, batch_size: int) -> list:
+    """FID-MNIST of n samples for each (sampler, S, eta): ("ddim", S, eta) is Song et al. Eq. (12) on S steps,
+    ("ddpm", T, 0) is Algorithm 2."""
     from shared.metrics import evaluate
 
     rows = []
-    for sampler, S in runs:
+    for sampler, S, eta in runs:
         t0 = time.time()
-        images = generate(model, diffusion, n, sampler, S, 0.0, batch_size=batch_size, seed=0)
+        images = generate(model, diffusion, n, sampler, S, eta, batch_size=batch_size, seed=0)
         seconds = time.time() - t0
-        save_samples_npz(experiments_dir() / STAGE / "eval" / f"{sampler}{S}.npz", images)
+        name = f"{sampler}{S}" + (f"_eta{eta:g}" if eta else "")
+        save_samples_npz(experiments_dir() / STAGE / "eval" / f"{name}.npz", images)
         scores = evaluate(to_uint8(images), device="cpu")
-        row = {"sampler": sampler, "S": S, **({"eta": 0.0} if sampler == "ddim" else {"var": "beta"}),
+        row = {"sampler": sampler, "S": S, **({"eta": eta} if sampler == "ddim" else {"var": "beta"}),
                "num_samples": n, "sample_seconds": round(seconds, 1),
                **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def curve(row: dict) -> tuple[str, float]:
+    """Which line of the plot a row belongs to: the sampler and, for DDIM, its eta."""
+    return row["sampler"], row.get("eta", 0.0)
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """The FID table after a run: new points replace old ones of the same curve and S, the rest are kept."""
+    replaced = {(*curve(r), r["S"]) for r in new}
+    return sorted([r for r in old if (*curve(r), r["S"]) not in replaced] + new, key=lambda r: (*curve(r), r["S"]))
 
 
 def plot_fid(rows: list[dict], out: Path) -> None:
@@ -91,9 +104,9 @@ def plot_fid(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for sampler in sorted({r["sampler"] for r in rows}):
-        pts = sorted((r["S"], r["fid"]) for r in rows if r["sampler"] == sampler)
-        ax.plot(*zip(*pts), "o-", label="DDIM (eta=0)" if sampler == "ddim" else "ancestral (Algorithm 2)")
+    for line in sorted({curve(r) for r in rows}):
+        pts = sorted((r["S"], r["fid"]) for r in rows if curve(r) == line)
+        ax.plot(*zip(*pts), "o-", label=f"DDIM (eta={line[1]:g})" if line[0] == "ddim" else "ancestral (Algorithm 2)")
     floor = [r["fid_floor"] for r in rows if "fid_floor" in r]
     if floor:
         ax.axhline(floor[0], color="gray", ls="--", label="floor (real images, same N)")
@@ -113,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="", help="checkpoint (default: newest run, else pretrained/mnist.pt)")
     parser.add_argument("--assets", default=str(Path(__file__).parent / "assets"), help="output folder")
     parser.add_argument("--fid-steps", default="", help="comma-separated DDIM step counts to score, e.g. 10,20,50")
+    parser.add_argument("--fid-eta", type=float, default=0.0, help="eta of the --fid-steps DDIM points (0: "
+                        "deterministic, 1: fresh noise at every step, as Algorithm 2 on the shorter chain)")
     parser.add_argument("--fid-ddpm", action="store_true", help="also score the ancestral sampler (all T steps)")
     parser.add_argument("--fid-samples", type=int, default=1000, help="samples per FID point")
     parser.add_argument("--bpd-images", type=int, default=0, help="test images for the bits/dim bound (0: skip)")
@@ -124,6 +139,8 @@ def main(argv=None):
         steps = [int(s) for s in args.fid_steps.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--fid-steps must be comma-separated integers, got {args.fid_steps!r}") from None
+    if not 0 <= args.fid_eta <= 1:
+        raise UserError(f"--fid-eta must be in [0, 1], got {args.fid_eta}")
     if args.fid_samples <= 0 or args.bpd_images < 0 or args.bpd_t < 0 or args.batch_size <= 0:
         raise UserError("--fid-samples and --batch-size must be positive, --bpd-images and --bpd-t non-negative")
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
@@ -140,13 +157,12 @@ def main(argv=None):
         save_grid(images, assets / "samples.png")
         interpolation(model, diffusion, assets / "interpolation.png")
         print(f"pictures -> {assets}")
-    runs = [("ddim", S) for S in steps] + [("ddpm", diffusion.T)] * args.fid_ddpm
+    runs = [("ddim", S, args.fid_eta) for S in steps] + [("ddpm", diffusion.T, 0.0)] * args.fid_ddpm
     if runs:
         rows = fid_vs_steps(model, diffusion, runs, args.fid_samples, args.batch_size)
         table = assets / "fid_vs_steps.json"  # keep earlier points of other step counts
         old = json.loads(table.read_text()) if table.is_file() else []
-        rows = sorted([r for r in old if (r["sampler"], r["S"]) not in {(q["sampler"], q["S"]) for q in rows}] + rows,
-                      key=lambda r: (r["sampler"], r["S"]))
+        rows = merge_rows(old, rows)
         table.write_text(json.dumps(rows, indent=1) + "\n")
         plot_fid(rows, assets / "fid_vs_steps.png")
     if args.bpd_images:

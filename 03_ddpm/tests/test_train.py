@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import figures
 import numpy as np
 import pytest
 import sample
@@ -85,8 +86,20 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
     foreign = tmp_path / "vae.pt"
     save_checkpoint({**provenance("01_vae", {}, 0, 0), "model": {}}, foreign)
     assert "01_vae" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(foreign)]))
+    assert "--fid-eta" in _exit_line(capsys, lambda: figures.main(["--ckpt", str(tiny_ckpt), "--fid-eta", "2"]))
     proc = run_script(STAGE_DIR / "sample.py", "--ckpt", str(tmp_path / "missing.pt"), experiments=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_fid_table_keeps_each_sampler_and_eta_apart():
+    old = [{"sampler": "ddim", "S": 50, "eta": 0.0, "fid": 86.0}, {"sampler": "ddpm", "S": 1000, "var": "beta",
+                                                                   "fid": 50.0}]
+    new = [{"sampler": "ddim", "S": 50, "eta": 1.0, "fid": 56.0}, {"sampler": "ddim", "S": 10, "eta": 1.0, "fid": 70.0}]
+    merged = figures.merge_rows(old, new)
+    assert [(r["sampler"], r.get("eta"), r["S"], r["fid"]) for r in merged] == [
+        ("ddim", 0.0, 50, 86.0), ("ddim", 1.0, 10, 70.0), ("ddim", 1.0, 50, 56.0), ("ddpm", None, 1000, 50.0)]
+    rerun = figures.merge_rows(merged, [{"sampler": "ddim", "S": 50, "eta": 0.0, "fid": 80.0}])
+    assert [r["fid"] for r in rerun] == [80.0, 70.0, 56.0, 50.0]  # a rerun replaces its own point only
 
 
 def test_presets_are_valid_and_default_is_the_dataclass_default():
