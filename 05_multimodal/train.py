@@ -28,7 +28,7 @@ STAGE = "05_multimodal"
 PRESETS = {
     "smoke": dict(dataset="synthetic", clip_size="tiny", dit_size="tiny", steps=24, clip_steps=12, batch_size=32,
                   sample_every=0, ckpt_every=0, sample_steps=4, log_every=5),
-    "default": dict(dataset="mnist", clip_size="S", dit_size="S", steps=5000, clip_steps=1000, batch_size=64,
+    "default": dict(dataset="mnist", clip_size="S", dit_size="S", steps=6000, clip_steps=2000, batch_size=64,
                     lr=6e-4, sample_every=1000, ckpt_every=250),
     "full": dict(dataset="mnist", clip_size="B", dit_size="B", steps=100_000, clip_steps=10_000, batch_size=256,
                  lr=3e-4, sample_every=5000, ckpt_every=5000),
@@ -37,8 +37,8 @@ PRESETS = {
 
 @dataclass
 class TrainConfig(CommonConfig):
-    steps: int = arg(5000, "optimizer steps in total: --clip-steps of CLIP, then the MMDiT's", min=2)
-    clip_steps: int = arg(1000, "how many of the --steps train the mini-CLIP (the rest train the MMDiT)", min=1)
+    steps: int = arg(6000, "optimizer steps in total: --clip-steps of CLIP, then the MMDiT's", min=2)
+    clip_steps: int = arg(2000, "how many of the --steps train the mini-CLIP (the rest train the MMDiT)", min=1)
     lr: float = arg(6e-4, "MMDiT learning rate (AdamW)", min=1e-12)
     lr_decay: str = arg("constant", "MMDiT learning rate after its 200-step warm-up: constant, or a cosine decay "
                         "to 0 at the last step", ("constant", "cosine"))
