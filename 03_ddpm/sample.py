@@ -1,8 +1,8 @@
 """Draw digits from a trained DDPM: the ancestral sampler (Algorithm 2, T steps) or DDIM (S steps, eta).
 
-    python sample.py                                   # DDIM, 20 steps, eta = 0, from the newest run
+    python sample.py                                   # DDIM, 20 steps, eta = 1, from the newest run
     python sample.py --sampler ddpm --var beta_tilde   # the paper's 1000-step sampler
-    python sample.py --sampler ddim --steps 20 --eta 1 --num-samples 10000 --out ddim20.npz
+    python sample.py --steps 50 --eta 0 --num-samples 10000 --out ddim50.npz   # deterministic DDIM
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusion import Diffusion
 from model import SIZES, build_unet
+from tqdm import tqdm
 from train import STAGE, make_diffusion
 
 from shared import UserError
@@ -44,7 +45,7 @@ def generate(model, diffusion: Diffusion, n: int, sampler: str = "ddim", steps: 
     """n images in [-1, 1], drawn in batches from one seeded generator: (n, 1, 28, 28)."""
     g = torch.Generator(device).manual_seed(seed)
     out = []
-    for i in range(0, n, batch_size):
+    for i in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=n <= batch_size):
         shape = (min(batch_size, n - i), 1, 28, 28)
         if sampler == "ddpm":
             out.append(diffusion.sample_ddpm(model, shape, sigma=var, generator=g, device=device).cpu())
@@ -59,7 +60,9 @@ def main(argv=None):
     parser.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"),
                         help="ddpm: Algorithm 2 over all T steps; ddim: Song et al. Eq. (12) over --steps")
     parser.add_argument("--steps", type=int, default=20, help="DDIM: number of sampling steps S (1..T)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM: 0 deterministic, 1 DDPM-like noise")
+    parser.add_argument("--eta", type=float, default=1.0,
+                        help="DDIM: 0 deterministic, 1 DDPM-like noise (the default: the better sampler for the "
+                             "default preset's model, README section 6)")
     parser.add_argument("--var", default="beta", choices=("beta", "beta_tilde"),
                         help="DDPM: the reverse variance sigma_t^2")
     args = parser.parse_args(argv)

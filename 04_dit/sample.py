@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusion import SAMPLERS, sample
 from model import DiT, dit_config
+from tqdm import tqdm
 from vavae import Autoencoder, ae_from_state_dict, decode_latents
 
 from shared import UserError
@@ -79,7 +80,7 @@ def main(argv=None):
     c, s = model.cfg.in_channels, model.cfg.image_size
     noise = torch.randn(n, c, s, s, generator=g)  # (n, 1, 28, 28) pixels or (n, 4, 7, 7) latents
     out = []
-    for i in range(0, n, args.batch_size):
+    for i in tqdm(range(0, n, args.batch_size), desc="sampling", unit="batch", disable=n <= args.batch_size):
         x = sample(model, noise[i:i + args.batch_size].to(device), labels[i:i + args.batch_size].to(device),
                    cfg["objective"], sampler, args.steps, args.cfg_scale, model.cfg.num_classes,
                    tuple(args.cfg_interval), generator=g, clip=ae is None)

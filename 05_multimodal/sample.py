@@ -17,6 +17,7 @@ import torch
 from captions import DIGIT_WORDS, Tokenizer, article, parse_prompt, parse_two_digit, two_digit_prompts
 from flow import sample
 from model import TextToImage
+from tqdm import tqdm
 from train import STAGE, TrainConfig, build
 
 from shared import UserError
@@ -64,7 +65,8 @@ def generate(model: TextToImage, tok: Tokenizer, prompts: list[str], noise: torc
     """Images in [-1, 1] for ``prompts`` (one per noise image), in batches; guidance only for t in ``interval``."""
     device = noise.device
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch",
+                  disable=len(prompts) <= batch_size):
         chunk = prompts[i: i + batch_size]
         cond = model.condition(tok.batch(chunk, strict=True).to(device))
         null = model.condition(tok.batch([""] * len(chunk)).to(device))
