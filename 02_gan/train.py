@@ -25,7 +25,7 @@ PAPER_TRAIN_IMAGES = 50_000  # the paper trains on the first 50k MNIST images; t
 PRESETS = {
     "smoke": dict(dataset="synthetic", arch="mlp", size="tiny", steps=40, batch_size=32, sample_every=20,
                   ckpt_every=20, log_every=5, diag_every=10),
-    "default": dict(arch="dcgan", size="small", optimizer="adam", lr=2e-4, beta1=0.5, batch_size=64, steps=4000),
+    "default": dict(arch="dcgan", size="small", optimizer="adam", lr=2e-4, beta1=0.5, batch_size=64, steps=16000),
     "full": dict(arch="mlp", size="paper", optimizer="sgd", lr=0.1, momentum=0.5, batch_size=100, steps=150_000,
                  sample_every=5000, ckpt_every=5000),
 }
@@ -45,7 +45,7 @@ class TrainConfig(CommonConfig):
                          "over 250 epochs, lr decayed by 1.000004 per step)", ("adam", "sgd"))
     beta1: float = arg(0.5, "Adam's beta1")
     momentum: float = arg(0.5, "initial SGD momentum")
-    steps: int = arg(4000, "generator steps (each after k discriminator steps)", min=1)
+    steps: int = arg(16000, "generator steps (each after k discriminator steps)", min=1)
     batch_size: int = arg(64, "images per discriminator step and noise vectors per generator step", min=1)
     lr: float = arg(2e-4, "learning rate of both players", min=1e-12)
     sample_every: int = arg(250, "write a grid of samples of a fixed z every N steps (the GIF's frames)")
