@@ -170,6 +170,10 @@ def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
     binding, control = result["attribute_binding"], result["attribute_binding_control"]
     assert binding["num_prompts"] == control["num_prompts"] == 60 and (tmp_path / "two_digit_binding.png").is_file()
     assert all(0 <= binding[k] <= 1 and 0 <= control[k] <= 1 for k in ("thickness", "slant", "size"))
+    for scores in (binding, control):  # 20 prompts per attribute: the three rates average to the overall one
+        by_attribute = scores["both_in_order_by_attribute"]
+        assert sorted(by_attribute) == ["size", "slant", "thickness"]
+        assert sum(by_attribute.values()) / 3 == pytest.approx(scores["both_in_order"], abs=1e-6)
 
 
 @pytest.mark.parametrize("two_digit", [False, True])
