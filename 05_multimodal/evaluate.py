@@ -172,6 +172,11 @@ def binding_scores(images: torch.Tensor, attributes: list[str], low_side: torch.
     return scores
 
 
+def rate_by_attribute(right: torch.Tensor, attributes: list[str]) -> dict:
+    """The mean of ``right`` (N,) over the prompts of each attribute: which adjectives cost digit accuracy."""
+    return {name: right[[a == name for a in attributes]].mean().item() for name in BINDING_ATTRIBUTES}
+
+
 @torch.no_grad()
 def swap_cosines(model, tok, pairs: torch.Tensor) -> dict:
     """How much the mini-CLIP's text states say about word order: for "a {a} to the left of a {b}" and its swap
@@ -225,9 +230,9 @@ def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, ass
         images = (generate(model, tok, prompts, noise, scale, steps, 250, interval).cpu() + 1) / 2
         pred = classify_halves(classifier, (images * 255).round().clamp(0, 255).to(torch.uint8))
         right = (pred == pairs).all(1).float()  # (m,) both digits right and in order
-        by_attribute = {name: right[[a == name for a in attributes]].mean().item() for name in BINDING_ATTRIBUTES}
         result[key] = {"num_prompts": m, **binding_scores(images, attributes, low_side),
-                       "both_in_order": right.mean().item(), "both_in_order_by_attribute": by_attribute}
+                       "both_in_order": right.mean().item(),
+                       "both_in_order_by_attribute": rate_by_attribute(right, attributes)}
         if assets and adjectives:
             pick = torch.cat([torch.arange(12), torch.arange(30, 42)])  # columns: thickness, slant, size
             save_grid(images[pick], Path(assets) / "two_digit_binding.png", nrow=3, value_range=(0, 1))

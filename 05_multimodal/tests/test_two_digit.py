@@ -18,7 +18,7 @@ from captions import (
     two_digit_batch,
     two_digit_prompts,
 )
-from evaluate import binding_prompts, binding_scores, classify_halves, two_digit_scores
+from evaluate import binding_prompts, binding_scores, classify_halves, rate_by_attribute, two_digit_scores
 from model import MMDIT_SIZES, MMDiT, MMDiTConfig, sincos_positions, sincos_positions_2d
 
 from shared.classifier import load_classifier, predict
@@ -92,6 +92,12 @@ def test_binding_prompts_ask_opposite_levels_on_both_sides_of_every_digit():
     assert len(phrasing) == 4  # the side asked for less is not tied to the phrasing
     plain, plain_pairs, _, _ = binding_prompts(120, adjectives=False)
     assert torch.equal(plain_pairs, pairs) and plain == two_digit_prompts(120)[0]
+
+
+def test_rate_by_attribute_averages_each_attribute_own_prompts():
+    right = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    attributes = ["thickness", "slant", "size", "thickness", "slant", "size"]
+    assert rate_by_attribute(right, attributes) == {"thickness": 1.0, "slant": 0.0, "size": 0.5}
 
 
 def test_binding_scorer_reads_each_side_on_its_own():
