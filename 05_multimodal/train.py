@@ -109,10 +109,10 @@ def mmdit_lr(cfg: TrainConfig, step: int) -> float:
     """The MMDiT's learning rate at a (global) step: linear warm-up over its first 200 steps, then constant or
     a cosine decay that reaches 0 at --steps."""
     k, n = step - cfg.clip_steps, cfg.steps - cfg.clip_steps  # MMDiT steps done (1..n) and in all
-    warm = min(1.0, k / 200)
+    factor = min(1.0, k / 200)  # the warm-up
     if cfg.lr_decay == "cosine":
-        warm *= 0.5 * (1 + math.cos(math.pi * k / n))
-    return cfg.lr * warm
+        factor *= 0.5 * (1 + math.cos(math.pi * k / n))
+    return cfg.lr * factor
 
 
 @torch.no_grad()
