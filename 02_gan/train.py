@@ -15,6 +15,7 @@ import torch
 from gan import GENERATOR_LOSSES, discriminator_loss
 from model import GANConfig, build_gan, model_config, sample_noise
 
+from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import TensorImages, batches_from, load_images, make_loader, to_symmetric, to_unit
 from shared.experiment import Run
@@ -51,20 +52,25 @@ class TrainConfig(CommonConfig):
     sample_every: int = arg(250, "write a grid of samples of a fixed z every N steps (the GIF's frames)")
     ckpt_every: int = arg(500, "write a checkpoint every N steps (0: only at the end)")
     diag_every: int = arg(50, "every N steps also log ||grad_theta_g|| of both generator losses (0: never)")
+    update: str = arg("alternating", "alternating: Algorithm 1 (k D steps, then a G step on fresh noise); "
+                      "simultaneous: the released code (one forward pass, both players step on its gradients)",
+                      ("alternating", "simultaneous"))
+    d_loss_scale: float = arg(1.0, "multiply D's loss -V by this (the released code descends (-V)/2, i.e. 0.5)",
+                              min=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------
 # One discriminator step and one generator step of Algorithm 1
 # --------------------------------------------------------------------------------------------------------
 
-def discriminator_step(G, D, opt_d, x, gan_cfg: GANConfig, amp: bool = False) -> dict:
+def discriminator_step(G, D, opt_d, x, gan_cfg: GANConfig, amp: bool = False, scale: float = 1.0) -> dict:
     """Ascend V(D, G) (Eq. 1) in D's parameters on a minibatch of data x and of noise z."""
     z = sample_noise(len(x), gan_cfg, x.device)  # (B, z_dim)
     with autocast(x.device, amp):
         with torch.no_grad():
             fake = G(z)  # (B, 1, 28, 28), a constant for D's update
         real_logits, fake_logits = D(x), D(fake)  # (B,), (B,)
-        loss = discriminator_loss(real_logits.float(), fake_logits.float())
+        loss = scale * discriminator_loss(real_logits.float(), fake_logits.float())
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
     opt_d.step()
@@ -100,6 +106,29 @@ def generator_step(G, D, opt_g, batch_size: int, gan_cfg: GANConfig, loss_name: 
     return stats
 
 
+def simultaneous_step(G, D, opt_g, opt_d, x, gan_cfg: GANConfig, loss_name: str, scale: float,
+                      amp: bool = False) -> dict:
+    """The released code's update: one batch of fakes, one pass of D (one dropout mask), and each player
+    steps on the gradient of its own loss at the *same* (G, D) -- neither sees the other's update first."""
+    z = sample_noise(len(x), gan_cfg, x.device)  # (B, z_dim)
+    with autocast(x.device, amp):
+        fake = G(z)  # (B, 1, 28, 28), with G's graph
+        logits = D(torch.cat([x, fake])).float()  # (2B,)
+    real_logits, fake_logits = logits.chunk(2)
+    d_loss = scale * discriminator_loss(real_logits, fake_logits)
+    g_loss = GENERATOR_LOSSES[loss_name](fake_logits)
+    d_params, g_params = list(D.parameters()), list(G.parameters())
+    d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
+    g_grads = torch.autograd.grad(g_loss, g_params)
+    for params, grads in ((d_params, d_grads), (g_params, g_grads)):
+        for p, g in zip(params, grads):
+            p.grad = g
+    opt_d.step()
+    opt_g.step()
+    return {"d_loss": d_loss.detach(), "d_real": torch.sigmoid(real_logits.detach()).mean(),
+            "d_fake": torch.sigmoid(fake_logits.detach()).mean(), "g_loss": g_loss.detach()}
+
+
 def grad_norm(grads) -> torch.Tensor:
     return torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads if g is not None))
 
@@ -124,6 +153,9 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def main(cfg: TrainConfig):
     with Run(STAGE, cfg) as run:
+        if cfg.update == "simultaneous" and run.dist.enabled:
+            raise UserError("--update simultaneous takes gradients with autograd.grad, which DDP does not "
+                            "average across processes; run it in one process")
         images, labels = load_images(cfg.dataset)
         if cfg.dataset == "mnist":
             images, labels = images[:PAPER_TRAIN_IMAGES], labels[:PAPER_TRAIN_IMAGES]
@@ -155,16 +187,22 @@ def main(cfg: TrainConfig):
                 lr, momentum = paper_sgd_schedule(step - 1, cfg, len(loader))
                 for group in opt_g.param_groups + opt_d.param_groups:
                     group["lr"], group["momentum"] = lr, momentum
-            for _ in range(cfg.k):  # Algorithm 1: k steps on D ...
+            if cfg.update == "simultaneous":  # the released code: one forward pass, both players step
                 x, _ = next(batches)
-                d_stats = discriminator_step(G_train, D_train, opt_d, to_data(x).to(run.device), gan_cfg, cfg.amp)
-            measure = cfg.diag_every > 0 and step % cfg.diag_every == 0 and step % cfg.log_every == 0
-            g_stats = generator_step(G_train, D_train, opt_g, cfg.batch_size, gan_cfg, cfg.loss, run.device,
-                                     cfg.amp, measure)  # ... then one on G
-            norms = {key: g_stats.pop(key) for key in list(g_stats) if key.startswith("gnorm")}
-            run.log(step, **d_stats, **g_stats)
-            if norms:  # a row of its own, so the per-step averages above stay averages
-                run.flush(step, **norms)
+                run.log(step, **simultaneous_step(G_train, D_train, opt_g, opt_d, to_data(x).to(run.device), gan_cfg,
+                                                  cfg.loss, cfg.d_loss_scale, cfg.amp))
+            else:
+                for _ in range(cfg.k):  # Algorithm 1: k steps on D ...
+                    x, _ = next(batches)
+                    d_stats = discriminator_step(G_train, D_train, opt_d, to_data(x).to(run.device), gan_cfg,
+                                                 cfg.amp, cfg.d_loss_scale)
+                measure = cfg.diag_every > 0 and step % cfg.diag_every == 0 and step % cfg.log_every == 0
+                g_stats = generator_step(G_train, D_train, opt_g, cfg.batch_size, gan_cfg, cfg.loss, run.device,
+                                         cfg.amp, measure)  # ... then one on G
+                norms = {key: g_stats.pop(key) for key in list(g_stats) if key.startswith("gnorm")}
+                run.log(step, **d_stats, **g_stats)
+                if norms:  # a row of its own, so the per-step averages above stay averages
+                    run.flush(step, **norms)
             if run.every(cfg.sample_every, step):
                 save_samples(f"step_{step:06d}.png")
             if run.every(cfg.ckpt_every, step):

@@ -1,11 +1,22 @@
 """Algorithm 1 in train.py: who each step updates, learning, exact resume, and the command lines."""
 
+import copy
 
 import numpy as np
 import pytest
 import torch
-from model import GANConfig, build_gan, model_config
-from train import PRESETS, STAGE, TrainConfig, discriminator_step, generator_step, main, make_optimizer
+from gan import discriminator_loss, generator_loss_nonsaturating
+from model import GANConfig, build_gan, model_config, sample_noise
+from train import (
+    PRESETS,
+    STAGE,
+    TrainConfig,
+    discriminator_step,
+    generator_step,
+    main,
+    make_optimizer,
+    simultaneous_step,
+)
 
 from shared import UserError
 from shared.checkpoint import provenance, save_checkpoint
@@ -54,6 +65,28 @@ def test_each_step_updates_only_its_player(arch):
     assert all(p.requires_grad for p in D.parameters())  # D is handed back trainable
 
 
+def test_simultaneous_step_moves_both_players_from_the_same_point():
+    """--update simultaneous: D's and G's gradients are both taken at (G, D) before either moves."""
+    torch.manual_seed(0)
+    gan_cfg = model_config("mlp", "tiny", d_keep_in=1.0, d_keep=1.0)  # no dropout: D is a plain function
+    G, D = build_gan(gan_cfg)
+    G0, D0 = copy.deepcopy(G), copy.deepcopy(D)
+    cfg = TrainConfig(arch="mlp", size="tiny", optimizer="sgd", lr=0.1, momentum=0.0)
+    opt_g, opt_d = make_optimizer(G.parameters(), cfg), make_optimizer(D.parameters(), cfg)
+    x = torch.rand(8, 1, 28, 28)
+    torch.manual_seed(1)
+    simultaneous_step(G, D, opt_g, opt_d, x, gan_cfg, "nonsaturating", scale=0.5)
+    torch.manual_seed(1)
+    fake_logits = D0(G0(sample_noise(8, gan_cfg)))
+    d_grads = torch.autograd.grad(0.5 * discriminator_loss(D0(x), fake_logits), list(D0.parameters()),
+                                  retain_graph=True)
+    g_grads = torch.autograd.grad(generator_loss_nonsaturating(fake_logits), list(G0.parameters()))
+    for module, start, grads in ((D, D0, d_grads), (G, G0, g_grads)):
+        for p, p0, g in zip(module.parameters(), start.parameters(), grads):
+            assert g.abs().max() > 0
+            torch.testing.assert_close(p, p0 - 0.1 * g, rtol=0, atol=1e-6)
+
+
 def test_discriminator_learns_to_separate_a_tiny_batch():
     torch.manual_seed(0)
     gan_cfg = model_config("mlp", "tiny")
@@ -89,6 +122,8 @@ def optim_equal(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("overrides", [dict(arch="mlp", optimizer="sgd", lr=0.1, k=2),
+                                       dict(arch="mlp", optimizer="sgd", lr=0.1, update="simultaneous",
+                                            d_loss_scale=0.5),
                                        dict(arch="dcgan", size="tiny", batch_size=16)])
 def test_exact_resume(tmp_path, overrides):
     cfg = smoke(steps=10, sample_every=0, ckpt_every=0, **overrides)

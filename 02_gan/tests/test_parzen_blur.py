@@ -1,0 +1,27 @@
+"""parzen_blur.py: the Parzen estimate prefers blurred real digits to the real ones."""
+
+import numpy as np
+import pytest
+from parzen_blur import blur, main
+
+from shared import UserError
+from shared.data import load_images, to_unit
+from shared.metrics import parzen_log_likelihood
+
+
+def test_parzen_rewards_blurred_real_digits():
+    """The estimator's bias the README measures at N = 10,000, here at N = 500: blurring *real* images by
+    0.8 px makes them worse pictures but raises their Parzen log-likelihood of held-out digits."""
+    train, _ = load_images("mnist")
+    test, _ = load_images("mnist", train=False)
+    real, test, val = to_unit(train[:500]), to_unit(test[:500]), to_unit(train[50_000:50_200])
+    sharp = parzen_log_likelihood(real, test, val)[0]
+    blurred = parzen_log_likelihood(blur(real.view(-1, 1, 28, 28), 0.8), test, val)[0]
+    assert blurred > sharp + 20, (sharp, blurred)
+
+
+def test_negative_width_is_a_user_error(tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez(path, images=np.zeros((4, 28, 28), dtype=np.uint8))
+    with pytest.raises(UserError, match="--widths must be >= 0"):
+        main([str(path), "--widths", "-1"])
