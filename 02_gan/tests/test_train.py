@@ -87,6 +87,24 @@ def test_simultaneous_step_moves_both_players_from_the_same_point():
             torch.testing.assert_close(p, p0 - 0.1 * g, rtol=0, atol=1e-6)
 
 
+def test_d_loss_scale_scales_the_discriminator_step():
+    """--d-loss-scale 0.5 (the released code's ½(-V)): with plain SGD, D moves exactly half as far."""
+    gan_cfg = model_config("mlp", "tiny", d_keep_in=1.0, d_keep=1.0)
+    torch.manual_seed(0)
+    G, D = build_gan(gan_cfg)
+    x = torch.rand(8, 1, 28, 28)
+    moves = []
+    for scale in (1.0, 0.5):
+        D_s = copy.deepcopy(D)
+        opt_d = torch.optim.SGD(D_s.parameters(), lr=0.1)
+        torch.manual_seed(1)
+        discriminator_step(G, D_s, opt_d, x, gan_cfg, scale=scale)
+        moves.append([p - p0 for p, p0 in zip(D_s.parameters(), D.parameters())])
+    for full, half in zip(*moves):
+        assert full.abs().max() > 0
+        torch.testing.assert_close(half, 0.5 * full, rtol=1e-4, atol=1e-7)
+
+
 def test_discriminator_learns_to_separate_a_tiny_batch():
     torch.manual_seed(0)
     gan_cfg = model_config("mlp", "tiny")
