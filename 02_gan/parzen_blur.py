@@ -64,6 +64,8 @@ def main(argv=None):
     if any(w < 0 for w in args.widths):
         raise UserError(f"--widths must be >= 0, got {args.widths}")
     images, _, _ = read_samples(args.samples)
+    if tuple(images.shape[-2:]) != (28, 28):
+        raise UserError(f"{args.samples}: images are {tuple(images.shape[-2:])}, the Parzen protocol needs 28x28")
     samples = to_unit(torch.as_tensor(images)).view(-1, 1, 28, 28)
     rows = blur_table(samples, args.widths)
     if args.picture:

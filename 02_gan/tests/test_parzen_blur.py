@@ -25,3 +25,6 @@ def test_negative_width_is_a_user_error(tmp_path):
     np.savez(path, images=np.zeros((4, 28, 28), dtype=np.uint8))
     with pytest.raises(UserError, match="--widths must be >= 0"):
         main([str(path), "--widths", "-1"])
+    np.savez(path, images=np.zeros((4, 28, 56), dtype=np.uint8))
+    with pytest.raises(UserError, match="needs 28x28"):
+        main([str(path)])
