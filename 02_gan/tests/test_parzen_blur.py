@@ -20,7 +20,7 @@ def test_parzen_rewards_blurred_real_digits():
     assert blurred > sharp + 20, (sharp, blurred)
 
 
-def test_negative_width_is_a_user_error(tmp_path):
+def test_bad_widths_and_shapes_are_user_errors(tmp_path):
     path = tmp_path / "s.npz"
     np.savez(path, images=np.zeros((4, 28, 28), dtype=np.uint8))
     with pytest.raises(UserError, match="--widths must be >= 0"):
