@@ -4,8 +4,8 @@ a Gaussian of a few widths, with the same protocol (``shared.metrics.parzen_log_
     python parzen_blur.py SAMPLES.npz                          # blur widths 0, 0.5, 0.8, 1.2 pixels
     python parzen_blur.py SAMPLES.npz --widths 0 1 --json assets/parzen_blur.json --picture assets/parzen_blur.png
 
-Theis, van den Oord & Bethge (2016, "A note on the evaluation of generative models", §3.2) showed that
-this estimate can rank models almost opposite to how their samples look. Real training images are the
+Theis, van den Oord & Bethge (2016, "A note on the evaluation of generative models") showed that this
+estimate can rank models differently from how good their samples look. Real training images are the
 control: blur makes them worse pictures, so any gain in nats is the estimator's, not the model's.
 """
 
@@ -23,7 +23,7 @@ from shared.cli import run_entry
 from shared.data import load_images, to_unit
 from shared.evaluate import read_samples
 from shared.images import save_grid
-from shared.metrics import PARZEN_VALIDATION, parzen_log_likelihood
+from shared.metrics import PARZEN_VALIDATION, as_images, parzen_log_likelihood
 
 REAL_IMAGES = 10_000  # train[:10000], the real-data row of the README's results table
 
@@ -64,9 +64,7 @@ def main(argv=None):
     if any(w < 0 for w in args.widths):
         raise UserError(f"--widths must be >= 0, got {args.widths}")
     images, _, _ = read_samples(args.samples)
-    if tuple(images.shape[-2:]) != (28, 28):
-        raise UserError(f"{args.samples}: images are {tuple(images.shape[-2:])}, the Parzen protocol needs 28x28")
-    samples = to_unit(torch.as_tensor(images)).view(-1, 1, 28, 28)
+    samples = to_unit(as_images(images))  # (N, 1, 28, 28) in [0, 1]
     rows = blur_table(samples, args.widths)
     if args.picture:
         save_grid(torch.cat([blur(samples[:12], w) for w in args.widths]), args.picture, nrow=12, value_range=(0, 1))

@@ -152,6 +152,9 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 # --------------------------------------------------------------------------------------------------------
 
 def main(cfg: TrainConfig):
+    if cfg.update == "simultaneous" and cfg.k != 1:
+        raise UserError(f"--update simultaneous makes one D step per G step; --k {cfg.k} needs --update "
+                        "alternating")
     with Run(STAGE, cfg) as run:
         if cfg.update == "simultaneous" and run.dist.enabled:
             raise UserError("--update simultaneous takes gradients with autograd.grad, which DDP does not "

@@ -87,6 +87,13 @@ def test_simultaneous_step_moves_both_players_from_the_same_point():
             torch.testing.assert_close(p, p0 - 0.1 * g, rtol=0, atol=1e-6)
 
 
+def test_simultaneous_update_refuses_k_above_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    with pytest.raises(UserError, match="--k 2 needs --update alternating"):
+        main(smoke(update="simultaneous", k=2))
+    assert not any(tmp_path.rglob("*"))  # refused before a run folder exists
+
+
 def test_d_loss_scale_scales_the_discriminator_step():
     """--d-loss-scale 0.5 (the released code's ½(-V)): with plain SGD, D moves exactly half as far."""
     gan_cfg = model_config("mlp", "tiny", d_keep_in=1.0, d_keep=1.0)
