@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ PRESET_NAMES = ("smoke", "default", "full")
 PER_INVOCATION = ("resume", "stop_at", "max_minutes", "device", "compile")
 
 
-def arg(default, help: str, choices: tuple | None = None, min: float | None = 0):
-    """A config field with its ``--help`` text, allowed values and lower bound (``None``: unbounded)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min})
+def arg(default, help: str, choices: tuple | None = None, min: float | None = 0, max: float | None = None):
+    """A config field with its ``--help`` text, allowed values and bounds (``None``: unbounded)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max})
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,7 +67,7 @@ def config_from_preset(config_cls, presets: dict, preset: str = "default", **ove
     return config_cls(**{**presets[preset], "preset": preset, **overrides})
 
 
-def _one_line_error(message: str):
+def one_line_error(message: str):
     """Replaces ``ArgumentParser.error``: one line and exit code 2, not argparse's usage block."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -81,7 +82,7 @@ def build_parser(config_cls, presets: dict, description: str) -> argparse.Argume
         f"  {name:8s} " + " ".join(f"{_flag(k)} {v}" for k, v in values.items()) for name, values in presets.items())
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = _one_line_error
+    parser.error = one_line_error
     defaults = config_cls()
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
@@ -107,9 +108,17 @@ def validate(cfg) -> None:
         choices = meta.get("choices")
         if choices and value not in choices:
             raise UserError(f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        low = meta.get("min", 0)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and low is not None and value < low:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"{_flag(f.name)} must be a finite number, got {value}")
+        low, high = meta.get("min", 0), meta.get("max")
+        if f.name == "seed":
+            high = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+        if low is not None and value < low:
             raise UserError(f"{_flag(f.name)} must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise UserError(f"{_flag(f.name)} must be at most {high}, got {value}")
 
 
 def parse_config(config_cls, presets: dict, stage: str, argv: list[str] | None = None,
@@ -151,7 +160,7 @@ def train_entry(main: Callable, config_cls, presets: dict, stage: str, descripti
 
 def add_sample_args(parser: argparse.ArgumentParser, num_samples: int = 64) -> argparse.ArgumentParser:
     """The flags every sample.py shares (and one-line errors for bad flags)."""
-    parser.error = _one_line_error
+    parser.error = one_line_error
     parser.add_argument("--ckpt", default="", help="checkpoint to sample from (default: this stage's newest "
                         "run, else pretrained/mnist.pt)")
     parser.add_argument("--num-samples", type=int, default=num_samples, help="how many images to draw")

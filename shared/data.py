@@ -1,15 +1,18 @@
 """Datasets as in-memory tensors, the transforms the stages share, and a resumable DDP-aware loader.
 
 MNIST ships with the repository (``data/MNIST/raw/*.gz``, byte-identical to the original IDX files) and is
-decompressed on first use into the layout ``torchvision.datasets.MNIST`` reads. FashionMNIST and CIFAR-10
-come through torchvision's download; offline, that fails with one clear :class:`~shared.UserError`.
+decompressed on first use into the layout ``torchvision.datasets.MNIST`` reads. FashionMNIST comes through
+torchvision's download; offline, that fails with one clear :class:`~shared.UserError`.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from shared import REPO_ROOT, UserError
 
 DATA_ROOT = REPO_ROOT / "data"
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "synthetic")  # every stage is sized for 28x28 grey images
 MNIST_FILES = {  # decompressed name -> md5 of the original IDX file
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
@@ -39,10 +42,16 @@ def prepare_mnist(root: Path = DATA_ROOT) -> Path:
         packed = raw / (name + ".gz")
         if not packed.exists():
             raise UserError(f"MNIST file {packed} is missing; restore data/MNIST/raw/ from the repository")
-        tmp = target.with_suffix(".tmp")
-        with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+        # A private temp file per process: the ranks of a fresh clone's first torchrun all unpack at once, and
+        # the atomic rename means none of them ever reads a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=raw, prefix=name + ".", suffix=".tmp")
+        with gzip.open(packed, "rb") as src, os.fdopen(fd, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        tmp.replace(target)
+        if hashlib.md5(Path(tmp).read_bytes()).hexdigest() != MNIST_FILES[name]:
+            os.remove(tmp)
+            raise UserError(f"{packed} is not the original MNIST file (md5 differs); restore data/MNIST/raw/ "
+                            "from the repository")
+        os.replace(tmp, target)
     return root
 
 
@@ -66,10 +75,6 @@ def load_images(name: str, train: bool = True, root: Path = DATA_ROOT) -> tuple[
     if name == "fashion-mnist":
         ds = _torchvision_download(tvd.FashionMNIST, root, train, "FashionMNIST/raw")
         return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
-    if name == "cifar10":
-        ds = _torchvision_download(tvd.CIFAR10, root, train, "cifar-10-batches-py")
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
-        return images, torch.tensor(ds.targets, dtype=torch.long)
     if name == "synthetic":
         return synthetic_images(512 if train else 128, seed=0 if train else 1)
     raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

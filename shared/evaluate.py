@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from shared import UserError
-from shared.cli import run_entry
+from shared.cli import one_line_error, run_entry
 from shared.data import load_images
 from shared.metrics import SIGMA_GRID, as_images, evaluate, write_reference
 from shared.runtime import DEVICES, choose_device
@@ -42,11 +43,11 @@ def read_samples(source: str) -> tuple[np.ndarray, np.ndarray | None, Path | Non
     try:
         data = np.load(path)
         keys = set(data.files)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable .npz file ({type(err).__name__})") from None
-    if "images" not in keys:
-        raise UserError(f"{path} holds no 'images' array (it has: {', '.join(sorted(keys)) or 'nothing'})")
-    return data["images"], (data["labels"] if "labels" in keys else None), path
+        if "images" not in keys:
+            raise UserError(f"{path} holds no 'images' array (it has: {', '.join(sorted(keys)) or 'nothing'})")
+        return data["images"], (data["labels"] if "labels" in keys else None), path
+    except (OSError, ValueError) as err:  # also an object array, which loading without pickle refuses
+        raise UserError(f"{path} is not a readable .npz of arrays ({type(err).__name__})") from None
 
 
 def format_table(result: dict) -> str:
@@ -71,6 +72,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("samples", nargs="?", help="a .npz with uint8 'images' (and 'labels'), or mnist-train:A:B")
     parser.add_argument("--json", default="", help="where to write the JSON (default: SAMPLES.metrics.json "
                         "beside the .npz; nowhere for mnist-... sources)")
@@ -93,14 +95,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.error("give SAMPLES (a .npz file or mnist-train:A:B)")
     images, labels, path = read_samples(args.samples)
     images = as_images(images)
+    out = Path(args.json) if args.json else (path.with_suffix(".metrics.json") if path is not None else None)
+    if out is not None:  # find out now, not after minutes of scoring, that the JSON can't be written
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--json {out}: can't create its folder ({err.strerror})") from None
+        if out.is_dir() or not os.access(out.parent, os.W_OK):
+            raise UserError(f"--json {out}: not a writable file path")
     t0 = time.time()
     result = evaluate(images, labels, parzen=args.parzen, device=device)
     result["source"] = args.samples
     result["seconds"] = round(time.time() - t0, 1)
     print(format_table(result))
-    out = Path(args.json) if args.json else (path.with_suffix(".metrics.json") if path is not None else None)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     return result

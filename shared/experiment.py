@@ -94,12 +94,19 @@ def _unwrap(obj):
 class Run:
     def __init__(self, stage: str, cfg):
         self.stage, self.cfg = stage, cfg
-        self.dist = ddp_setup()
+        self.dist = ddp_setup(cfg.device)
         self.device = choose_device(cfg.device)
         seed_everything(cfg.seed + self.dist.rank)
         self.resume_from = resolve_resume(stage, cfg.run_name, cfg.resume)
         if self.resume_from is not None:
             self.dir = self.resume_from.parent
+            newer = self.dir / CKPT_NAME
+            if self.resume_from.name != CKPT_NAME and newer.is_file():
+                # Resuming writes ckpt.pt and cuts metrics.jsonl back to the snapshot's step: the run's newer
+                # work would be lost.
+                raise UserError(f"--resume {self.resume_from}: its folder holds the run's own {CKPT_NAME}, "
+                                f"which resuming from this snapshot would overwrite; copy the snapshot into a "
+                                f"new folder as {CKPT_NAME} and resume that")
         else:
             name = cfg.run_name or f"{cfg.preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
             if self.dist.enabled:  # every rank writes to rank 0's folder name
@@ -123,6 +130,8 @@ class Run:
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            if self.resume_from is None:  # a run that died before its first checkpoint leaves stale rows
+                self.metrics_path.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------------------------------------
     def __enter__(self):

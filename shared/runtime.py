@@ -65,12 +65,15 @@ class Dist:
         return self.world_size > 1
 
 
-def ddp_setup() -> Dist:
-    """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA); else one process."""
+def ddp_setup(device: str = "auto") -> Dist:
+    """Join the process group when launched by ``torchrun``; else one process.
+
+    The backend follows the device the run trains on (``--device``): nccl for CUDA, gloo otherwise, so
+    ``--device cpu`` trains with gloo also on a machine that has GPUs."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return Dist()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend=backend)

@@ -1,5 +1,7 @@
 import gzip
 import hashlib
+import multiprocessing
+import shutil
 
 import pytest
 import torch
@@ -58,3 +60,27 @@ def test_loader_resumes_mid_stream():
     for expected in straight[7:]:
         assert torch.equal(next(resumed)[1], expected)
     assert not torch.equal(straight[0], straight[5])  # epochs are reshuffled
+
+
+def test_ranks_unpacking_mnist_at_once_all_succeed(tmp_path):
+    """The ranks of a fresh clone's first torchrun all find the files packed and unpack them together."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        shutil.copy(data.DATA_ROOT / "MNIST" / "raw" / f"{name}.gz", raw)
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        assert pool.map(data.prepare_mnist, [tmp_path] * 3) == [tmp_path] * 3  # none raised
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*MNIST_FILES, *(n + ".gz" for n in MNIST_FILES)])
+    for name, md5 in MNIST_FILES.items():
+        assert hashlib.md5((raw / name).read_bytes()).hexdigest() == md5
+
+
+def test_a_corrupt_mnist_file_is_refused(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        with gzip.open(raw / f"{name}.gz", "wb") as f:
+            f.write(b"not mnist")
+    with pytest.raises(UserError, match="not the original MNIST file"):
+        data.prepare_mnist(tmp_path)
+    assert not list(raw.glob("*.tmp"))

@@ -1,9 +1,11 @@
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 import toy_train
 
 from shared import UserError
-from shared.cli import TrainingDiverged, config_from_preset, parse_config
+from shared.cli import TrainingDiverged, arg, config_from_preset, parse_config, validate
 from shared.experiment import find_checkpoint
 from shared.testing import checkpoints_equal, run_interrupted_and_straight, run_script
 
@@ -121,3 +123,39 @@ def test_scalars_logged_now_and_then_are_averaged_over_their_own_steps(smoke, tm
 def test_a_bad_choice_is_one_line(tmp_path):
     proc = run_script(TOY, "--device", "tpu", experiments=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "invalid choice" in proc.stderr
+
+
+def test_resuming_a_snapshot_beside_the_runs_newer_checkpoint_is_refused(smoke, tmp_path):
+    toy_train.main(dataclasses.replace(smoke, run_name="snap", steps=20, stop_at=10))
+    run_dir = tmp_path / "00_toy/snap"
+    shutil.copy(run_dir / "ckpt.pt", run_dir / "ckpt-10.pt")
+    toy_train.main(dataclasses.replace(smoke, run_name="snap", steps=20, resume="auto"))
+    with pytest.raises(UserError, match="would overwrite"):
+        toy_train.main(dataclasses.replace(smoke, steps=15, resume=str(run_dir / "ckpt-10.pt")))
+    assert torch.load(run_dir / "ckpt.pt", weights_only=True)["step"] == 20
+
+
+def test_a_new_run_does_not_inherit_the_metrics_of_one_that_died_before_its_first_checkpoint(smoke, tmp_path):
+    with pytest.raises(TrainingDiverged):
+        toy_train.main(dataclasses.replace(smoke, run_name="again", ckpt_every=0, nan_at=6))
+    toy_train.main(dataclasses.replace(smoke, run_name="again", steps=3))
+    rows = [json.loads(line) for line in (tmp_path / "00_toy/again/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+@dataclass
+class _Bounded:
+    p: float = arg(0.5, "a probability", max=1.0)
+    seed: int = arg(0, "a seed")
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(p=1.5), "--p must be at most 1.0"),
+    (dict(p=-0.1), "--p must be at least 0"),
+    (dict(p=float("nan")), "--p must be a finite number"),
+    (dict(seed=2**63), "--seed must be at most"),
+])
+def test_validate_enforces_bounds_finiteness_and_the_seed_range(values, message):
+    validate(_Bounded(p=1.0, seed=2**63 - 1))
+    with pytest.raises(UserError, match=message):
+        validate(_Bounded(**values))

@@ -10,6 +10,7 @@ import torchvision.transforms.functional as TF
 from shared import UserError
 from shared.checkpoint import load_checkpoint
 from shared.classifier import WEIGHTS, MNISTClassifier, load_classifier, predict
+from shared.cli import run_entry
 from shared.data import load_images
 from shared.metrics import (
     REFERENCE,
@@ -214,3 +215,17 @@ def test_evaluate_cli(tmp_path, mnist, capsys):
         with pytest.raises(UserError):
             read_samples(bad)
     assert REFERENCE.is_file()
+
+
+def test_evaluate_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
+    from shared.evaluate import main
+
+    np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object))
+    np.savez(tmp_path / "ok.npz", images=np.zeros((4, 28, 28), dtype=np.uint8))
+    (tmp_path / "a_folder").mkdir()
+    for argv in (["--device", "tpu"], [], [str(tmp_path / "objects.npz")],
+                 [str(tmp_path / "ok.npz"), "--json", str(tmp_path / "a_folder")]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_entry(main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), argv
