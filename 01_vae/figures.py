@@ -15,7 +15,9 @@ from model import VAE
 from sample import load_model, sample_prior
 from train import binarized_test_set
 
-from shared.cli import run_entry
+from shared import UserError
+from shared.cli import one_line_error, run_entry
+from shared.data import DATASETS
 from shared.images import save_grid
 
 
@@ -68,14 +70,19 @@ def plot_latent_codes(model: VAE, x: torch.Tensor, labels: torch.Tensor, path: P
 
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = one_line_error  # a bad flag is one line on stderr and exit code 2, not argparse's usage block
     p.add_argument("--ckpt", default="", help="checkpoint (default: newest run of this stage, else pretrained/)")
     p.add_argument("--out", default="assets", help="folder for the PNGs")
     p.add_argument("--prefix", default="", help="prefix of the file names")
-    p.add_argument("--dataset", default="mnist", help="test images to reconstruct and encode")
+    p.add_argument("--dataset", default="mnist", choices=DATASETS, help="test images to reconstruct and encode")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
     args = p.parse_args(argv)
-    model, _, _ = load_model(args.ckpt)
+    if not 0 <= args.seed < 2**63:  # torch.Generator.manual_seed takes a signed 64-bit integer
+        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out must be a folder, but {out} is a file")
+    model, _, _ = load_model(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)
     x, labels = binarized_test_set(args.dataset)
     name = lambda s: out / f"{args.prefix}{s}.png"  # noqa: E731

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from train import binarized_test_set
 
 from shared import UserError
-from shared.cli import run_entry
+from shared.cli import one_line_error, run_entry
 from shared.data import DATASETS
 from shared.runtime import DEVICES, choose_device
 
@@ -42,6 +42,7 @@ def measure(model, x: torch.Tensor, k: int, batch_size: int, elbo_samples: int =
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = one_line_error  # a bad flag is one line on stderr and exit code 2, not argparse's usage block
     p.add_argument("--ckpt", default="", help="checkpoint (default: newest run of this stage, else pretrained/)")
     p.add_argument("--k", type=int, default=5000, help="importance samples per test image")
     p.add_argument("--num-test", type=int, default=10_000, help="how many test images (the first N)")
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("k", "num_test", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:  # torch.manual_seed takes a signed 64-bit integer
+        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
     device = choose_device(args.device)
     model, ckpt, path = load_model(args.ckpt, device)
     x = binarized_test_set(args.dataset, args.num_test)[0].to(device)

@@ -128,12 +128,6 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         return self.decode(reparameterize(mu, logvar)), mu, logvar
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoder means (Bernoulli probabilities) at z ~ p(z) = N(0, I): (n, 1, 28, 28) in [0, 1]."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.cfg.z_dim, generator=generator, device=device)
-        return torch.sigmoid(self.decode(z))
-
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -27,7 +27,13 @@ from model import (
 from shared.checkpoint import save_checkpoint
 from shared.cli import config_from_preset, parse_config, run_entry
 from shared.data import binarize, synthetic_images
-from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+from shared.testing import (
+    checkpoints_equal,
+    missing_readme_references,
+    run_interrupted_and_straight,
+    run_script,
+    same_training,
+)
 
 STAGE_DIR = Path(__file__).parents[1]
 
@@ -111,11 +117,23 @@ def test_shapes_and_named_sizes():
         mu, logvar = model.encode(torch.zeros(3, 1, 28, 28))
         assert mu.shape == logvar.shape == (3, cfg.z_dim), name
         assert model.decode(mu).shape == (3, 1, 28, 28), name
-        assert model.sample(2).shape == (2, 1, 28, 28) and 0 <= model.sample(2).min() <= model.sample(2).max() <= 1
     # Appendix C MLPs: 784 -> 500 -> 2*20 and 20 -> 500 -> 784, weights and biases.
     assert num_params(VAE(SIZES["mlp-paper"])) == (784 * 500 + 500 + 500 * 40 + 40) + (20 * 500 + 500 + 500 * 784 + 784)
     assert num_params(VAE(SIZES["mlp"])) == 1_379_152
+    assert num_params(VAE(SIZES["conv"])) == 3_525_217
     assert vae_config("mlp", 2).z_dim == 2 and vae_config("mlp").z_dim == 32
+
+
+def test_prior_samples_are_decoder_means_at_seeded_standard_normal_z():
+    import sample
+
+    model = tiny_vae().float()
+    z = torch.randn(7, 2, generator=torch.Generator().manual_seed(5))  # the seed's z ~ p(z) = N(0, I), (7, N_z)
+    with torch.no_grad():
+        expected = torch.sigmoid(model.decode(z))                        # Bernoulli means, (7, 1, 28, 28)
+    for batch_size in (7, 3):  # the batches draw one stream of z, so the batch size never changes a sample
+        assert torch.allclose(sample.sample_prior(model, 7, batch_size, seed=5), expected, atol=1e-6), batch_size
+    assert not torch.allclose(sample.sample_prior(model, 7, 7, seed=6), expected, atol=1e-3)
 
 
 def test_training_loss_falls_on_a_tiny_batch():
@@ -142,9 +160,8 @@ def test_resume_is_bit_identical(tmp_path):
     cfg = smoke_cfg(steps=12, sample_every=4, ckpt_every=3, log_every=2)
     straight, resumed = run_interrupted_and_straight(train.main, cfg, stop_at=7, experiments=tmp_path)
     assert straight["step"] == resumed["step"] == 12
-    assert checkpoints_equal(straight, resumed, keys=("model",))
-    assert all(torch.equal(a, b) for a, b in zip(straight["optimizer"]["state"][0].values(),
-                                                 resumed["optimizer"]["state"][0].values()))
+    assert checkpoints_equal(straight, resumed, keys=("model", "optimizer"))  # every weight and Adam moment
+    assert same_training(straight, resumed) == []  # and the step, the RNG states and the rest of the checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +233,19 @@ def test_sample_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_info:
             run_entry(sample.main, args)
         assert _one_line_error(exit_info.value.code, capsys.readouterr().err), args
+
+
+@pytest.mark.parametrize("script, args", [
+    ("likelihood", ["--k", "0"]), ("likelihood", ["--num-test", "-5"]), ("likelihood", ["--k", "abc"]),
+    ("likelihood", ["--seed", "-1"]), ("likelihood", ["--dataset", "cifar10"]), ("likelihood", ["--bogus"]),
+    ("figures", ["--seed", "x"]), ("figures", ["--seed", str(2**64)]), ("figures", ["--dataset", "cifar10"]),
+    ("figures", ["--out", __file__]), ("figures", ["--bogus"])])
+def test_likelihood_and_figures_cli_errors_exit_2_with_one_line(script, args, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry(module.main, args)
+    err = capsys.readouterr().err
+    assert _one_line_error(exit_info.value.code, err) and "usage:" not in err, (args, err)
 
 
 def test_readme_references_exist():
