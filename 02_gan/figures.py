@@ -1,6 +1,6 @@
 """The README's pictures, from one training run and its generator.
 
-    python figures.py --run ../experiments/02_gan/default --out assets
+    python figures.py --run ../experiments/02_gan/default-16k --out assets   # the README's pictures
 
 training.gif    samples of one fixed z through training (the run's samples/step_*.png)
 nearest.png     samples beside their nearest training images in pixel space (the paper's Fig. 2 check)
@@ -21,7 +21,7 @@ from sample import load_generator
 from train import PAPER_TRAIN_IMAGES
 
 from shared import UserError
-from shared.cli import run_entry
+from shared.cli import one_line_error, run_entry
 from shared.data import load_images
 from shared.images import read_metrics, save_gif, save_grid, to_uint8
 
@@ -120,6 +120,7 @@ def grad_norms(records: list[dict], out: Path) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("--run", required=True, help="a run folder of this stage (experiments/02_gan/NAME)")
     parser.add_argument("--out", default="assets", help="folder for the pictures")
     args = parser.parse_args(argv)

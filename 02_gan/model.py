@@ -27,7 +27,7 @@ class GANConfig:
     d_pieces: int = 5          # mlp: linear pieces per maxout unit
     d_keep_in: float = 0.8     # mlp: dropout keep-probability on the discriminator's input
     d_keep: float = 0.5        # mlp: keep-probability on the inputs of its later layers
-    width: int = 64            # dcgan: channels of the widest layer is 2 * width
+    width: int = 64            # dcgan: w; G's widest layer has 4 * w channels, D's 2 * w
 
 
 # Named sizes: "paper" is the MNIST network of the authors' released configuration (mnist.yaml).

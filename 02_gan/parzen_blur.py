@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 from shared import UserError
-from shared.cli import run_entry
+from shared.cli import one_line_error, run_entry
 from shared.data import load_images, to_unit
 from shared.evaluate import read_samples
 from shared.images import save_grid
@@ -55,16 +55,19 @@ def blur_table(samples: torch.Tensor, widths: list[float]) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("samples", help="a .npz of uint8 'images' (what sample.py --out writes)")
     parser.add_argument("--widths", type=float, nargs="+", default=[0, 0.5, 0.8, 1.2],
                         help="std of the Gaussian blur, in pixels (0: the images as they are)")
     parser.add_argument("--json", default="", help="also write the table here")
     parser.add_argument("--picture", default="", help="also save the first 12 samples at each width, a row each")
     args = parser.parse_args(argv)
-    if any(w < 0 for w in args.widths):
-        raise UserError(f"--widths must be >= 0, got {args.widths}")
+    if not all(0 <= w < float("inf") for w in args.widths):  # also refuses nan
+        raise UserError(f"--widths must be >= 0 and finite, got {args.widths}")
     images, _, _ = read_samples(args.samples)
     samples = to_unit(as_images(images))  # (N, 1, 28, 28) in [0, 1]
+    if args.json:  # a new folder, as --picture (save_grid) allows; made now, not after the minutes of scoring
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     rows = blur_table(samples, args.widths)
     if args.picture:
         save_grid(torch.cat([blur(samples[:12], w) for w in args.widths]), args.picture, nrow=12, value_range=(0, 1))

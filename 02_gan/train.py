@@ -44,14 +44,16 @@ class TrainConfig(CommonConfig):
     noise: str = arg("gaussian", "noise prior p_z", ("gaussian", "uniform"))
     optimizer: str = arg("adam", "adam (DCGAN: Adam(2e-4, beta1 0.5)) or sgd (the paper: momentum 0.5 -> 0.7 "
                          "over 250 epochs, lr decayed by 1.000004 per step)", ("adam", "sgd"))
-    beta1: float = arg(0.5, "Adam's beta1")
-    momentum: float = arg(0.5, "initial SGD momentum")
+    # Adam needs beta1 < 1 and momentum >= 1 never forgets a gradient, so both stop at 0.999 (Adam's beta2 here).
+    beta1: float = arg(0.5, "Adam's beta1, in [0, 0.999]", max=0.999)
+    momentum: float = arg(0.5, "initial SGD momentum, in [0, 0.999] (the schedule moves it to 0.7)", max=0.999)
     steps: int = arg(16000, "generator steps (each after k discriminator steps)", min=1)
     batch_size: int = arg(64, "images per discriminator step and noise vectors per generator step", min=1)
     lr: float = arg(2e-4, "learning rate of both players", min=1e-12)
     sample_every: int = arg(250, "write a grid of samples of a fixed z every N steps (the GIF's frames)")
     ckpt_every: int = arg(500, "write a checkpoint every N steps (0: only at the end)")
-    diag_every: int = arg(50, "every N steps also log ||grad_theta_g|| of both generator losses (0: never)")
+    diag_every: int = arg(50, "also log ||grad_theta_g|| of both generator losses at the steps that are multiples "
+                          "of both N and --log-every (0: never; --update simultaneous never measures it)")
     update: str = arg("alternating", "alternating: Algorithm 1 (k D steps, then a G step on fresh noise); "
                       "simultaneous: the released code (one forward pass, both players step on its gradients)",
                       ("alternating", "simultaneous"))
@@ -190,7 +192,7 @@ def main(cfg: TrainConfig):
                 lr, momentum = paper_sgd_schedule(step - 1, cfg, len(loader))
                 for group in opt_g.param_groups + opt_d.param_groups:
                     group["lr"], group["momentum"] = lr, momentum
-            if cfg.update == "simultaneous":  # the released code: one forward pass, both players step
+            if cfg.update == "simultaneous":  # the released code: one forward pass, both players step (no gnorm)
                 x, _ = next(batches)
                 run.log(step, **simultaneous_step(G_train, D_train, opt_g, opt_d, to_data(x).to(run.device), gan_cfg,
                                                   cfg.loss, cfg.d_loss_scale, cfg.amp))
@@ -199,6 +201,7 @@ def main(cfg: TrainConfig):
                     x, _ = next(batches)
                     d_stats = discriminator_step(G_train, D_train, opt_d, to_data(x).to(run.device), gan_cfg,
                                                  cfg.amp, cfg.d_loss_scale)
+                # only on a logging step: the norms' own row below flushes the running averages of the losses
                 measure = cfg.diag_every > 0 and step % cfg.diag_every == 0 and step % cfg.log_every == 0
                 g_stats = generator_step(G_train, D_train, opt_g, cfg.batch_size, gan_cfg, cfg.loss, run.device,
                                          cfg.amp, measure)  # ... then one on G

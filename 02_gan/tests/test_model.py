@@ -1,4 +1,4 @@
-"""Networks: shapes, output ranges, parameter counts of the named sizes, maxout, dropout, DCGAN init."""
+"""Networks: shapes, output ranges, parameter counts of the named sizes, maxout, dropout, MLP and DCGAN init."""
 
 import pytest
 import torch
@@ -33,6 +33,37 @@ def test_dcgan_parameter_counts_and_init():
     assert abs(conv.std().item() - 0.02) < 0.002 and abs(conv.mean().item()) < 0.002  # N(0, 0.02), DCGAN §4
     bn = G.net[1].weight
     assert abs(bn.mean().item() - 1) < 0.01 and bn.std().item() < 0.05
+
+
+def test_paper_mlp_init_is_the_released_uniform():
+    """The released configuration: G's weights U(-0.05, 0.05), D's (maxout pieces too) U(-0.005, 0.005), biases 0."""
+    torch.manual_seed(0)
+    G, D = build_gan(model_config("mlp", "paper"))
+    for net, bound in ((G, 0.05), (D, 0.005)):
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 3
+        for m in linears:
+            w = m.weight
+            assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # fills the interval, no further
+            assert abs(w.std().item() - bound / 3 ** 0.5) < 0.05 * bound  # U(-b, b) has std b / sqrt(3)
+            assert abs(w.mean().item()) < 0.05 * bound
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def test_init_output_bias_starts_g_at_the_mean_pixel():
+    """b = logit(mean pixel): sigmoid(b) is the data's mean image, which G draws whenever its last layer's
+    weights contribute nothing. Pixels that are always 0 or 1 are clamped to [1e-3, 1 - 1e-3] (finite logits)."""
+    G, _ = build_gan(model_config("mlp", "tiny"))
+    mean = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(0))
+    mean[0, 0, :3] = torch.tensor([0.0, 1.0, 0.5])
+    G.init_output_bias(mean)
+    bias = G.net[-1].bias
+    assert bias.shape == (784,) and torch.isfinite(bias).all()
+    torch.testing.assert_close(torch.sigmoid(bias), mean.flatten().clamp(1e-3, 1 - 1e-3), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        G.net[-1].weight.zero_()
+        x = G(sample_noise(3, G.cfg))  # (3, 1, 28, 28)
+    torch.testing.assert_close(x, mean.clamp(1e-3, 1 - 1e-3).expand(3, 1, 28, 28), rtol=0, atol=1e-6)
 
 
 def test_maxout_is_max_of_pieces():

@@ -1,6 +1,9 @@
 """parzen_blur.py: the Parzen estimate prefers blurred real digits to the real ones."""
 
+import json
+
 import numpy as np
+import parzen_blur
 import pytest
 from parzen_blur import blur, main
 
@@ -23,8 +26,27 @@ def test_parzen_rewards_blurred_real_digits():
 def test_bad_widths_and_shapes_are_user_errors(tmp_path):
     path = tmp_path / "s.npz"
     np.savez(path, images=np.zeros((4, 28, 28), dtype=np.uint8))
-    with pytest.raises(UserError, match="--widths must be >= 0"):
-        main([str(path), "--widths", "-1"])
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(UserError, match="--widths must be >= 0"):
+            main([str(path), "--widths", bad])
     np.savez(path, images=np.zeros((4, 28, 56), dtype=np.uint8))
     with pytest.raises(UserError, match="must have shape"):
         main([str(path)])
+
+
+def test_json_into_a_new_folder(tmp_path, monkeypatch):
+    """--json may name a folder that does not exist yet (it used to fail only after the minutes of scoring)."""
+    path = tmp_path / "s.npz"
+    np.savez(path, images=np.zeros((4, 28, 28), dtype=np.uint8))
+    rows = [{"blur_px": 0.0, "samples": {"parzen_ll": 1.0}}]
+    monkeypatch.setattr(parzen_blur, "blur_table", lambda samples, widths: rows)  # skip the 10,000-image scoring
+    out = tmp_path / "new" / "folder" / "blur.json"
+    main([str(path), "--widths", "0", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_bad_flags_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "usage" not in err

@@ -143,7 +143,12 @@ def test_generator_fits_a_1d_gaussian():
 
 
 def optim_equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(sa[k], sb[k]) for sa, sb in zip(a["state"].values(), b["state"].values()) for k in sa)
+    """Two optimizer state_dicts agree: the same hyper-parameters per group (the SGD schedule's lr and momentum
+    live there) and, for the same parameters, the same state tensors (momentum buffers, Adam's moments)."""
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    return all(a["state"][i].keys() == b["state"][i].keys()
+               and all(torch.equal(a["state"][i][k], b["state"][i][k]) for k in a["state"][i]) for i in a["state"])
 
 
 @pytest.mark.parametrize("overrides", [dict(arch="mlp", optimizer="sgd", lr=0.1, k=2),
@@ -156,6 +161,11 @@ def test_exact_resume(tmp_path, overrides):
     assert straight["step"] == resumed["step"] == 10
     assert checkpoints_equal(straight, resumed, keys=("model", "discriminator"))
     assert optim_equal(straight["opt_g"], resumed["opt_g"]) and optim_equal(straight["opt_d"], resumed["opt_d"])
+    # the comparison can fail: an empty state, or another lr, is not the same optimizer
+    full = straight["opt_d"]
+    assert full["state"] and not optim_equal(full, {**full, "state": {}})
+    groups = [{**group, "lr": group["lr"] * 2} for group in full["param_groups"]]
+    assert not optim_equal(full, {**full, "param_groups": groups})
 
 
 def test_checkpoint_and_outputs(smoke_run):
@@ -217,10 +227,20 @@ def test_user_errors_in_process(tmp_path, smoke_run):
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path):
-    for script, args in (("train.py", ["--k", "0"]), ("sample.py", ["--ckpt", str(tmp_path / "none.pt")])):
+    for script, args in (("train.py", ["--k", "0"]), ("train.py", ["--beta1", "1.5"]),
+                         ("sample.py", ["--ckpt", str(tmp_path / "none.pt")]),
+                         ("figures.py", [])):
         proc = run_script(STAGE_DIR / script, *args, experiments=tmp_path)
         assert proc.returncode == 2, (script, args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not any(tmp_path.rglob("*"))  # refused before a run folder exists
+
+
+@pytest.mark.parametrize("flag, value", [("--beta1", "1.0"), ("--beta1", "-0.1"), ("--momentum", "1.5"),
+                                         ("--momentum", "nan"), ("--d-loss-scale", "0"), ("--lr", "inf")])
+def test_out_of_range_hyperparameters_are_user_errors(flag, value):
+    with pytest.raises(UserError, match=flag):
+        parse_config(TrainConfig, PRESETS, STAGE, [flag, value])
 
 
 def test_readme_references_exist():
