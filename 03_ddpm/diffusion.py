@@ -40,10 +40,15 @@ class Diffusion:
     """The fixed forward process q and everything derived from it; the network is passed to each method."""
 
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_1: float = 1e-4, beta_T: float = 0.02):
-        betas = linear_betas(T, beta_1, beta_T) if schedule == "linear" else cosine_betas(T)
+        if schedule == "linear":
+            betas = linear_betas(T, beta_1, beta_T)
+        elif schedule == "cosine":
+            betas = cosine_betas(T)
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}; expected 'linear' or 'cosine'")
         self.T = T
         self.beta = torch.cat([torch.zeros(1, dtype=torch.float64), betas])  # (T+1,), beta_0 = 0
-        self.alpha = 1 - self.beta  # alpha_t = 1 - beta_t
+        self.alpha = 1 - self.beta  # alpha_0 = 1: index 0 is "no noise" in every table
         self.alpha_bar = torch.cumprod(self.alpha, 0)  # alpha_bar_t = prod_{s<=t} alpha_s; alpha_bar_0 = 1
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])  # alpha_bar_{t-1}
         self.beta_tilde = (1 - ab_prev) / (1 - self.alpha_bar).clamp(min=1e-20) * self.beta  # Eq. (7)
@@ -52,7 +57,11 @@ class Diffusion:
     def sigma2(self, kind: str = "beta") -> torch.Tensor:
         """The reverse-process variance sigma_t^2 (§3.2): beta_t (optimal for x_0 ~ N(0, I)) or beta_tilde_t
         (optimal for one fixed x_0); the two bound the true one, and Ho et al. saw similar samples with both."""
-        return self.beta if kind == "beta" else self.beta_tilde
+        if kind == "beta":
+            return self.beta
+        if kind == "beta_tilde":
+            return self.beta_tilde
+        raise ValueError(f"unknown reverse variance {kind!r}; expected 'beta' or 'beta_tilde'")
 
     # --------------------------------------------------------------------------------------------------------
     # The forward process
@@ -114,16 +123,19 @@ class Diffusion:
                     device="cpu", x_T: torch.Tensor | None = None, trace: list | None = None) -> torch.Tensor:
         """Algorithm 2: x_T ~ N(0, I); for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at t = 1.
 
-        ``trace`` (a list), when given, receives (t, x_t, x_hat_0) after every step, for Fig. 6."""
+        ``trace`` (a list), when given, receives (t, x_t, x_hat_0 predicted from x_t) for t = T..1, then
+        (0, x_0, x_0): every entry pairs a state with the network's guess made from that same state (Fig. 6)."""
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
         sigma2 = self.sigma2(sigma)
         for t in range(self.T, 0, -1):
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
             mu, x0_hat = self.p_mean(eps_theta, x, tt, clip)
+            if trace is not None:
+                trace.append((t, x, x0_hat))
             z = torch.randn(shape, generator=generator, device=device) if t > 1 else torch.zeros_like(x)
             x = mu + math.sqrt(sigma2[t]) * z
-            if trace is not None:
-                trace.append((t - 1, x, x0_hat))
+        if trace is not None:
+            trace.append((0, x, x))
         return x
 
     # --------------------------------------------------------------------------------------------------------
@@ -131,8 +143,15 @@ class Diffusion:
     # --------------------------------------------------------------------------------------------------------
 
     def ddim_timesteps(self, S: int) -> list[int]:
-        """A sub-sequence tau of S steps: evenly spaced in 1..T, ending at T (the 'linear' choice of §4.2)."""
-        return sorted({round(1 + i * (self.T - 1) / max(S - 1, 1)) for i in range(S)})
+        """A sub-sequence tau of S steps: evenly spaced in 1..T, ending at T (the 'linear' choice of §4.2).
+
+        S = 1 is the single step T -> 0: the sampler's x_T ~ N(0, I) is only noise at t = T, so tau must end
+        there however short it is."""
+        if not 1 <= S <= self.T:
+            raise ValueError(f"S must be in 1..{self.T}, got {S}")
+        if S == 1:
+            return [self.T]
+        return [round(1 + i * (self.T - 1) / (S - 1)) for i in range(S)]  # spacing >= 1: S distinct steps
 
     @torch.no_grad()
     def sample_ddim(self, eps_theta, shape, S: int = 50, eta: float = 0.0, clip: bool = True, generator=None,
@@ -152,12 +171,14 @@ class Diffusion:
             if clip:  # clamp x_hat_0 and keep (x_hat_0, eps) consistent with x_t
                 x0_hat = x0_hat.clamp(-1, 1)
                 eps = self.predict_eps(x, tt, x0_hat)
+            if trace is not None:
+                trace.append((t, x, x0_hat))
             sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))  # Song et al. Eq. (16)
             x = math.sqrt(ab_s) * x0_hat + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps  # Song et al. Eq. (12)
             if s > 0:
                 x = x + sigma * torch.randn(shape, generator=generator, device=device)
-            if trace is not None:
-                trace.append((s, x, x0_hat))
+        if trace is not None:
+            trace.append((0, x, x))
         return x
 
     @torch.no_grad()

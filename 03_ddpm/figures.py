@@ -20,7 +20,7 @@ from sample import generate, load_model
 from train import STAGE
 
 from shared import UserError
-from shared.cli import run_entry
+from shared.cli import one_line_error, run_entry
 from shared.data import load_images, to_symmetric
 from shared.experiment import experiments_dir, find_checkpoint
 from shared.images import save_grid, save_samples_npz, to_uint8
@@ -37,7 +37,8 @@ def forward_process(diffusion: Diffusion, x0: torch.Tensor, out: Path) -> None:
 
 
 def reverse_process(model, diffusion: Diffusion, out: Path, n: int = 4) -> None:
-    """Fig. 6 of the paper: x_t (odd rows) and the network's x_hat_0 (even rows) along Algorithm 2."""
+    """Fig. 6 of the paper: x_t (odd rows) and the network's x_hat_0 predicted from that x_t (even rows) along
+    Algorithm 2, from x_T (t = 1000) to the sample x_0 (t = 0, where both rows show x_0)."""
     trace = []
     diffusion.sample_ddpm(model, (n, 1, 28, 28), generator=torch.Generator().manual_seed(1), trace=trace)
     show = {1000, 800, 600, 400, 300, 200, 100, 50, 0}
@@ -97,6 +98,12 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return sorted([r for r in old if (*curve(r), r["S"]) not in replaced] + new, key=lambda r: (*curve(r), r["S"]))
 
 
+def merge_bpd_rows(old: list[dict], row: dict) -> list[dict]:
+    """The bits/dim table after a run: the new row replaces one with the same test images and t draws."""
+    key = lambda r: (r["test_images"], r["t_draws"])  # noqa: E731
+    return sorted([r for r in old if key(r) != key(row)] + [row], key=key)
+
+
 def plot_fid(rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -123,9 +130,11 @@ def plot_fid(rows: list[dict], out: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("--ckpt", default="", help="checkpoint (default: newest run, else pretrained/mnist.pt)")
     parser.add_argument("--assets", default=str(Path(__file__).parent / "assets"), help="output folder")
-    parser.add_argument("--fid-steps", default="", help="comma-separated DDIM step counts to score, e.g. 10,20,50")
+    parser.add_argument("--fid-steps", default="", help="comma-separated DDIM step counts S to score, each in "
+                        "1..T, e.g. 10,20,50")
     parser.add_argument("--fid-eta", type=float, default=0.0, help="eta of the --fid-steps DDIM points (0: "
                         "deterministic, 1: fresh noise at every step, as Algorithm 2 on the shorter chain)")
     parser.add_argument("--fid-ddpm", action="store_true", help="also score the ancestral sampler (all T steps)")
@@ -133,7 +142,8 @@ def main(argv=None):
     parser.add_argument("--bpd-images", type=int, default=0, help="test images for the bits/dim bound (0: skip)")
     parser.add_argument("--bpd-t", type=int, default=0, help="bits/dim: draws of t (0: all T terms)")
     parser.add_argument("--no-pictures", action="store_true", help="only the numbers")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=250, help="images per U-Net pass when sampling for FID "
+                        "and per bits/dim batch")
     args = parser.parse_args(argv)
     try:
         steps = [int(s) for s in args.fid_steps.split(",") if s.strip()]
@@ -141,10 +151,14 @@ def main(argv=None):
         raise UserError(f"--fid-steps must be comma-separated integers, got {args.fid_steps!r}") from None
     if not 0 <= args.fid_eta <= 1:
         raise UserError(f"--fid-eta must be in [0, 1], got {args.fid_eta}")
+    if any(S < 1 for S in steps):
+        raise UserError(f"--fid-steps must be at least 1 each, got {args.fid_steps!r}")
     if args.fid_samples <= 0 or args.bpd_images < 0 or args.bpd_t < 0 or args.batch_size <= 0:
         raise UserError("--fid-samples and --batch-size must be positive, --bpd-images and --bpd-t non-negative")
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
     model, diffusion, ckpt = load_model(path, torch.device("cpu"))
+    if any(S > diffusion.T for S in steps):
+        raise UserError(f"--fid-steps must be in 1..{diffusion.T} (T of this checkpoint), got {args.fid_steps!r}")
     assets = Path(args.assets)
     assets.mkdir(parents=True, exist_ok=True)
     print(f"{path}: step {ckpt['step']}")
@@ -173,8 +187,10 @@ def main(argv=None):
         row = {"bpd": bpd.mean().item(), "bpd_se": (bpd.std() / math.sqrt(len(bpd))).item(),
                "test_images": len(bpd), "t_draws": args.bpd_t or diffusion.T - 1, "seconds": round(time.time() - t0)}
         print(json.dumps(row))
-        with open(assets / "bits_per_dim.json", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        table = assets / "bits_per_dim.json"  # one JSON list; a rerun replaces the row of its images and draws
+        old = json.loads(table.read_text()) if table.is_file() else []
+        rows = merge_bpd_rows(old, row)
+        table.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

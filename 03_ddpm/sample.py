@@ -61,14 +61,14 @@ def main(argv=None):
                         help="ddpm: Algorithm 2 over all T steps; ddim: Song et al. Eq. (12) over --steps")
     parser.add_argument("--steps", type=int, default=20, help="DDIM: number of sampling steps S (1..T)")
     parser.add_argument("--eta", type=float, default=1.0,
-                        help="DDIM: 0 deterministic, 1 DDPM-like noise (the default: the better sampler for the "
-                             "default preset's model, README section 6)")
+                        help="DDIM, 0..1: 0 deterministic, 1 DDPM-like noise (the default: the better sampler for "
+                             "the default preset's model, README section 6)")
     parser.add_argument("--var", default="beta", choices=("beta", "beta_tilde"),
                         help="DDPM: the reverse variance sigma_t^2")
     args = parser.parse_args(argv)
     check_sample_args(args)
-    if args.eta < 0:
-        raise UserError(f"--eta must be non-negative, got {args.eta}")
+    if not 0 <= args.eta <= 1:  # Song et al. Eq. (16): eta = 1 is already DDPM's noise level
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
     model, diffusion, ckpt = load_model(path, device)

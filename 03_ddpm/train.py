@@ -36,15 +36,16 @@ class TrainConfig(CommonConfig):
     batch_size: int = arg(64, "images per step (per process under DDP)", min=1)
     lr: float = arg(1e-3, "peak Adam learning rate, after warm-up", min=1e-12)
     model: str = arg("small", "U-Net size (see model.py SIZES)", tuple(SIZES))
-    dropout: float = arg(0.1, "dropout inside the residual blocks (the paper: 0.1 on CIFAR-10)")
+    dropout: float = arg(0.1, "dropout inside the residual blocks, 0..1 (the paper: 0.1 on CIFAR-10)", max=1)
     timesteps: int = arg(1000, "T, the number of diffusion steps", min=2)
     schedule: str = arg("linear", "beta schedule: the paper's linear one, or cosine (Nichol & Dhariwal, an "
                         "extension)", ("linear", "cosine"))
-    beta_1: float = arg(1e-4, "linear schedule: beta_1")
-    beta_T: float = arg(0.02, "linear schedule: beta_T")
+    beta_1: float = arg(1e-4, "linear schedule: beta_1 (0 < beta_1 <= beta_T < 1)", max=1)
+    beta_T: float = arg(0.02, "linear schedule: beta_T (0 < beta_1 <= beta_T < 1)", max=1)
     warmup: int = arg(200, "linear learning-rate warm-up steps")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
-    ema_decay: float = arg(0.995, "EMA decay of the sampled weights (ramped up as (1+k)/(10+k) early on)")
+    ema_decay: float = arg(0.995, "EMA decay of the sampled weights, 0..1 (ramped up as (1+k)/(10+k) early on)",
+                           max=1)
     sample_steps: int = arg(20, "DDIM steps (eta = 0) for the sample grids drawn during training", min=1)
 
 
@@ -70,8 +71,6 @@ def draw_samples(diffusion: Diffusion, ema: torch.nn.Module, cfg, device, n: int
 
 
 def main(cfg: TrainConfig):
-    if cfg.dataset == "cifar10":
-        raise UserError("03_ddpm is sized for 28x28 one-channel images; use mnist, fashion-mnist or synthetic")
     diffusion = make_diffusion(vars(cfg))
     with Run(STAGE, cfg) as run:
         images, labels = load_images(cfg.dataset)  # uint8 (N, 1, 28, 28); no flips for digits

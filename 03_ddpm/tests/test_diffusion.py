@@ -20,6 +20,14 @@ def test_schedule_matches_the_paper(diffusion):
     assert (cos.alpha_bar[1:] < cos.alpha_bar[:-1]).all() and cos.alpha_bar[500] > diffusion.alpha_bar[500]
 
 
+def test_unknown_schedule_or_variance_is_an_error(diffusion):
+    with pytest.raises(ValueError, match="schedule"):
+        Diffusion(T=10, schedule="cosin")
+    with pytest.raises(ValueError, match="variance"):
+        diffusion.sigma2("beta-tilde")
+    assert diffusion.sigma2("beta_tilde")[1] == 0 and diffusion.sigma2("beta")[1] > 0  # the two named kinds differ
+
+
 def test_q_sample_has_the_moments_of_eq_4(diffusion):
     g = torch.Generator().manual_seed(0)
     x0 = torch.tensor([-1.0, -0.3, 0.5, 1.0]).reshape(4, 1, 1, 1).expand(4, 1, 1, 20000)
@@ -95,6 +103,55 @@ def test_ddim_eta_0_is_deterministic_given_x_T():
     c = d.sample_ddim(eps_theta, shape, S=10, eta=1.0, x_T=x_T, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(a, c)
     assert d.ddim_timesteps(10)[0] == 1 and d.ddim_timesteps(10)[-1] == T and len(d.ddim_timesteps(10)) == 10
+
+
+def test_ddim_timesteps_end_at_T_for_every_S():
+    for T in (2, 7, 50, 1000):
+        d = Diffusion(T=T)
+        for S in range(1, T + 1):
+            tau = d.ddim_timesteps(S)
+            assert len(tau) == S and tau[-1] == T and tau[0] >= 1, (T, S, tau)
+            assert all(a < b for a, b in zip(tau, tau[1:])), (T, S, tau)
+        assert d.ddim_timesteps(1) == [T] and d.ddim_timesteps(T) == list(range(1, T + 1))
+        for S in (0, T + 1):
+            with pytest.raises(ValueError):
+                d.ddim_timesteps(S)
+    # the sub-sequence the README's DDIM numbers were measured with
+    assert Diffusion(T=1000).ddim_timesteps(10) == [1, 112, 223, 334, 445, 556, 667, 778, 889, 1000]
+
+
+def test_one_step_ddim_denoises_from_t_equal_T():
+    """S = 1 is one jump T -> 0: the result is x_hat_0 predicted from x_T at t = T (it was t = 1 once)."""
+    T = 50
+    d = Diffusion(T=T)
+    eps_theta = _some_eps_theta(d)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x0 = d.sample_ddim(eps_theta, x_T.shape, S=1, eta=0.0, clip=False, x_T=x_T)
+    tt = torch.full((2,), T, dtype=torch.long)
+    torch.testing.assert_close(x0, d.predict_x0(x_T, tt, eps_theta(x_T, tt)))
+    t1 = torch.ones(2, dtype=torch.long)
+    assert (x0 - d.predict_x0(x_T, t1, eps_theta(x_T, t1))).abs().max() > 0.1  # t = 1 gives another image
+
+
+def test_traces_pair_each_x_t_with_the_x0_predicted_from_it():
+    """Fig. 6's data: (t, x_t, x_hat_0(x_t, t)) from t = T down, then (0, x_0, x_0)."""
+    T, shape = 20, (2, 1, 8, 8)
+    d = Diffusion(T=T)
+    eps_theta = _some_eps_theta(d)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    trace = []
+    x0 = d.sample_ddpm(eps_theta, shape, generator=torch.Generator().manual_seed(1), x_T=x_T, trace=trace)
+    assert [t for t, _, _ in trace] == list(range(T, -1, -1))
+    assert torch.equal(trace[0][1], x_T) and torch.equal(trace[-1][1], x0) and torch.equal(trace[-1][2], x0)
+    for t, xt, x0_hat in trace[:-1]:
+        torch.testing.assert_close(x0_hat, d.p_mean(eps_theta, xt, torch.full((2,), t), clip=True)[1])
+    trace = []
+    x0 = d.sample_ddim(eps_theta, shape, S=5, eta=0.0, x_T=x_T, trace=trace)
+    assert [t for t, _, _ in trace] == [*reversed(d.ddim_timesteps(5)), 0]
+    assert torch.equal(trace[0][1], x_T) and torch.equal(trace[-1][1], x0)
+    for t, xt, x0_hat in trace[:-1]:
+        tt = torch.full((2,), t)
+        torch.testing.assert_close(x0_hat, d.predict_x0(xt, tt, eps_theta(xt, tt)).clamp(-1, 1))
 
 
 def test_ddim_inversion_then_decoding_reconstructs_x0(diffusion):

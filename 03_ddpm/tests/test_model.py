@@ -1,10 +1,20 @@
 import torch
-from model import SIZES, SelfAttention, build_unet, count_params, timestep_embedding
+from model import SIZES, ResBlock, SelfAttention, UNetConfig, build_unet, count_params, timestep_embedding
 
 
 def test_named_sizes_have_their_parameter_counts():
     counts = {name: count_params(build_unet(name)) for name in SIZES}
     assert counts == {"tiny": 176_849, "small": 686_769, "base": 6_801_409}
+    assert UNetConfig() == UNetConfig(**SIZES["small"])  # the dataclass defaults are the default size
+    assert build_unet("base").cfg.groups == 8
+
+
+def test_residual_branch_starts_at_zero():
+    """At init a block outputs its skip path: x itself when the width stays, a 1x1 projection of x otherwise."""
+    x, temb = torch.randn(2, 8, 7, 7), torch.randn(2, 32)
+    same, wider = ResBlock(8, 8, 32, 0.0, 4), ResBlock(8, 16, 32, 0.0, 4)
+    assert torch.equal(same(x, temb), x)
+    assert torch.equal(wider(x, temb), wider.skip(x)) and wider(x, temb).shape == (2, 16, 7, 7)
 
 
 def test_shapes_and_zero_init():

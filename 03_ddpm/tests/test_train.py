@@ -1,6 +1,7 @@
 """Learning, exact resume, the command lines and the README's references."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import figures
@@ -81,12 +82,21 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
                                                             [*a]))
     assert "--steps" in _exit_line(capsys, train_argv("--steps", "-1"))
     assert "--beta-1" in _exit_line(capsys, train_argv("--beta-1", "0.5", "--beta-T", "0.1"))
+    for flag in ("--dropout", "--ema-decay", "--beta-T"):  # bounded by 1 in the dataclass
+        assert f"{flag} must be at most 1" in _exit_line(capsys, train_argv(flag, "1.5"))
+    assert "--dropout" in _exit_line(capsys, train_argv("--dropout", "-0.1"))
+    assert "--dataset" in _exit_line(capsys, train_argv("--dataset", "cifar10"))
     assert "no such checkpoint" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(tmp_path / "no.pt")]))
     assert "--steps" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(tiny_ckpt), "--steps", "999"]))
     foreign = tmp_path / "vae.pt"
     save_checkpoint({**provenance("01_vae", {}, 0, 0), "model": {}}, foreign)
     assert "01_vae" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(foreign)]))
+    assert "--eta" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(tiny_ckpt), "--eta", "1.5"]))
     assert "--fid-eta" in _exit_line(capsys, lambda: figures.main(["--ckpt", str(tiny_ckpt), "--fid-eta", "2"]))
+    for steps in ("0", "10,-5", "51"):  # the tiny checkpoint has T = 50
+        argv = ["--ckpt", str(tiny_ckpt), "--fid-steps", steps]
+        assert "--fid-steps" in _exit_line(capsys, lambda argv=argv: figures.main(argv))
+    assert "--fid-samples" in _exit_line(capsys, lambda: figures.main(["--fid-samples", "many"]))
     proc = run_script(STAGE_DIR / "sample.py", "--ckpt", str(tmp_path / "missing.pt"), experiments=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -102,13 +112,29 @@ def test_fid_table_keeps_each_sampler_and_eta_apart():
     assert [r["fid"] for r in rerun] == [80.0, 70.0, 56.0, 50.0]  # a rerun replaces its own point only
 
 
-def test_presets_are_valid_and_default_is_the_dataclass_default():
-    assert all(getattr(train.TrainConfig(), k) == v for k, v in train.PRESETS["default"].items())
+def test_presets_are_valid_and_give_the_readme_recipes():
     for name in train.PRESETS:
         cfg = config_from_preset(train.TrainConfig, train.PRESETS, name)
         validate(cfg)
         train.make_diffusion(dataclasses.asdict(cfg))
-    assert config_from_preset(train.TrainConfig, train.PRESETS, "full").model == "base"
+    recipe = lambda name: {k: getattr(config_from_preset(train.TrainConfig, train.PRESETS, name), k)  # noqa: E731
+                           for k in ("dataset", "model", "steps", "batch_size", "lr", "warmup", "ema_decay")}
+    # README section 5: "small U-Net, 2000 steps of 64, lr 1e-3 (200 warm-up), EMA 0.995" and the full preset's
+    # "base U-Net, 100k steps of 128, lr 2e-4 (5k warm-up), EMA 0.9999"
+    assert recipe("default") == dict(dataset="mnist", model="small", steps=2000, batch_size=64, lr=1e-3, warmup=200,
+                                     ema_decay=0.995)
+    assert recipe("full") == dict(dataset="mnist", model="base", steps=100_000, batch_size=128, lr=2e-4,
+                                  warmup=5000, ema_decay=0.9999)
+    assert recipe("smoke")["dataset"] == "synthetic" and recipe("smoke")["model"] == "tiny"
+
+
+def test_asset_tables_are_json_documents():
+    """Every assets/*.json parses as one document (bits_per_dim.json was once appended to line by line)."""
+    for path in sorted((STAGE_DIR / "assets").glob("*.json")):
+        json.loads(path.read_text())
+    rows = json.loads((STAGE_DIR / "assets" / "bits_per_dim.json").read_text())
+    merged = figures.merge_bpd_rows(rows, {**rows[0], "bpd": 0.0})
+    assert len(merged) == len(rows) and sum(r["bpd"] == 0.0 for r in merged) == 1  # a rerun replaces its row
 
 
 def test_readme_references_exist():
