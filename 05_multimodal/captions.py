@@ -167,7 +167,7 @@ def two_digit_canvas(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 
 def two_digit_caption(left: tuple[int, str], right: tuple[int, str], left_first: bool) -> str:
-    """("a small 3 to the left of a bold 8"): each side is (label, adjectives or "")."""
+    """("a small three to the left of a bold eight"): each side is (label, adjectives or "")."""
     def noun(label, adj):
         words = f"{adj} {DIGIT_WORDS[label]}".strip()
         return f"{article(words.split()[0])} {words}"
@@ -177,7 +177,8 @@ def two_digit_caption(left: tuple[int, str], right: tuple[int, str], left_first:
 
 
 def side_adjectives(levels: dict[str, int], r: torch.Tensor) -> str:
-    """Adjectives for one side of a two-digit caption ("small thick slanted"); ``r`` (6,) uniform numbers.
+    """Adjectives for one side of a two-digit caption, in the order thickness, slant, size ("thick slanted
+    small"); ``r`` (6,) uniform numbers.
 
     As in :func:`make_caption`: "small" is always said, thickness and slant each with probability 0.5
     (upright 0.3), so that a prompt without adjectives still asks for full-size digits.
@@ -222,12 +223,17 @@ def two_digit_prompts(n: int) -> tuple[list[str], torch.Tensor]:
 
 
 def parse_two_digit(text: str) -> tuple[int, int]:
-    """(left digit, right digit) that a "left of" / "right of" caption asks for."""
+    """(left digit, right digit) that a "to the left of" / "to the right of" caption asks for.
+
+    The relation is the whole phrase, not the word: "an 8 to the right of a 3, slanted left" puts the 3 left.
+    """
     words = Tokenizer.split(text)
     digits = [int(w) if w.isdigit() else DIGIT_WORDS.index(w) for w in words if w.isdigit() or w in DIGIT_WORDS]
-    if len(digits) != 2 or not ({"left", "right"} & set(words)):
+    padded = f" {' '.join(words)} "
+    left_of, right_of = " to the left of " in padded, " to the right of " in padded
+    if len(digits) != 2 or left_of == right_of:
         raise UserError(f"{text!r} is not a two-digit prompt like 'a 3 to the left of an 8'")
-    return (digits[0], digits[1]) if "left" in words else (digits[1], digits[0])
+    return (digits[0], digits[1]) if left_of else (digits[1], digits[0])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,15 +35,15 @@ from captions import (
     two_digit_caption,
     two_digit_prompts,
 )
-from sample import STAGE_DIR, generate, load_model
+from sample import STAGE_DIR, add_guidance_args, check_guidance_args, generate, load_model
 from train import STAGE, class_prompt_ids, grid_prompts, zero_shot_logits
 
 from shared import UserError
-from shared.cli import run_entry
+from shared.cli import one_line_error, run_entry
 from shared.data import load_images, to_unit
 from shared.experiment import find_checkpoint
 from shared.images import save_grid
-from shared.runtime import choose_device
+from shared.runtime import DEVICES, choose_device
 
 ATTRIBUTE_PROMPTS = {  # (attribute, level, adjective) asked for in the attribute-adherence prompts
     "thin": ("thickness", 0, "thin"), "thick": ("thickness", 2, "thick"),
@@ -125,7 +125,7 @@ def two_digit_scores(pred: torch.Tensor, asked: torch.Tensor) -> dict:
     each side's accuracy, how often both digits were drawn but on swapped sides, and how often one of the two
     asked digits was drawn on both sides."""
     doubled = (pred[:, 0] == pred[:, 1]) & ((pred[:, :1] == asked).any(1))
-    return {"both_in_order": (pred == asked).all(1).float().mean().item(),
+    return {"both_in_order": (pred == asked).all(1).float().mean().item(),  # Eq. (10)
             "left_accuracy": (pred[:, 0] == asked[:, 0]).float().mean().item(),
             "right_accuracy": (pred[:, 1] == asked[:, 1]).float().mean().item(),
             "swapped": (pred.flip(1) == asked).all(1).float().mean().item(),
@@ -168,7 +168,7 @@ def binding_scores(images: torch.Tensor, attributes: list[str], low_side: torch.
         m = measure(halves[idx].flatten(0, 1)).view(-1, 2)  # (k, 2) = (left, right)
         low = m.gather(1, low_side[idx, None])[:, 0]
         high = m.gather(1, 1 - low_side[idx, None])[:, 0]
-        scores[name] = ((low < high).float() + 0.5 * (low == high).float()).mean().item()
+        scores[name] = ((low < high).float() + 0.5 * (low == high).float()).mean().item()  # Eq. (12)
     return scores
 
 
@@ -264,24 +264,22 @@ def save_confusion(confusion: torch.Tensor, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("--ckpt", default="", help="checkpoint (default: newest run, else pretrained/mnist.pt)")
     parser.add_argument("--num-samples", type=int, default=1000, help="samples for each generation metric")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's)")
-    parser.add_argument("--sample-steps", type=int, default=0, help="Euler steps (default: the run's)")
-    parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
-                        help="guide only while LO <= t <= HI (t = 1 is noise)")
+    add_guidance_args(parser)
     parser.add_argument("--json", default="", help="write the numbers here")
     parser.add_argument("--assets", default="", help="write the pictures into this folder")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--weights", default="model", choices=("ema", "model"), help="raw or EMA weights")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="where to sample and measure")
     args = parser.parse_args(argv)
     if args.num_samples < 10:
         raise UserError(f"--num-samples must be at least 10, got {args.num_samples}")
+    check_guidance_args(args)
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, STAGE_DIR, args.ckpt)
-    model, tok, cfg = load_model(path, device, args.weights)
+    model, tok, cfg = load_model(path, device, args.weights)  # a UserError if the checkpoint lacks those weights
     scale = cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    steps = args.sample_steps or cfg.sample_steps
+    steps = cfg.sample_steps if args.sample_steps is None else args.sample_steps
     interval = tuple(args.cfg_interval)
     t0 = time.monotonic()
     if cfg.two_digit:

@@ -27,11 +27,15 @@ def rectified_flow_loss(velocity, x0: torch.Tensor, cond, t: torch.Tensor, eps: 
 
 
 def guided_velocity(velocity, z: torch.Tensor, t: torch.Tensor, cond, null_cond, scale: float) -> torch.Tensor:
-    """Eq. (8): v = v(z, t, null) + w (v(z, t, y) - v(z, t, null)), both halves in one batched forward."""
+    """Eq. (8): v = v(z, t, null) + w (v(z, t, y) - v(z, t, null)), both halves in one batched forward.
+
+    At w = 0 and w = 1 Eq. (8) is one of its two terms, so one forward pass of half the batch gives it; a test
+    checks that these shortcuts lie on the line the general case computes.
+    """
     if scale == 0:
-        return velocity(z, t, null_cond)
+        return velocity(z, t, null_cond)  # Eq. (8) at w = 0
     if scale == 1:
-        return velocity(z, t, cond)
+        return velocity(z, t, cond)  # Eq. (8) at w = 1: v_null + (v_cond - v_null)
     both = tuple(torch.cat([c, n]) for c, n in zip(cond, null_cond))
     v_cond, v_null = velocity(torch.cat([z, z]), torch.cat([t, t]), both).chunk(2)
     return v_null + scale * (v_cond - v_null)  # Eq. (8)

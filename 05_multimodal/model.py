@@ -101,7 +101,8 @@ class TextEncoder(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """(B, 1, H, W) in [-1, 1] -> (B, embed_dim): three strided convs, global average pool, a linear map."""
+    """(B, 1, H, W) in [-1, 1] -> (B, embed_dim): four 3x3 convs (the middle two strided), global average pool,
+    a linear map."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -168,20 +169,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 def sincos_positions(n: int, dim: int) -> torch.Tensor:
-    """Fixed positions 0..n-1 as sinusoids (Vaswani et al. 2017): (n, dim), each row of norm sqrt(dim / 2),
-    about the norm of the token states they are added to, so position is heard from the first step."""
-    return timestep_embedding(torch.arange(n) / 1000, dim)  # it scales its input by 1000: position n goes in as n/1000
+    """Eq. (11): fixed positions 0..n-1 as sinusoids (Vaswani et al. 2017): (n, dim), each row of norm
+    sqrt(dim / 2), about the norm of the token states they are added to, so position is heard from the first step."""
+    return timestep_embedding(torch.arange(n) / 1000, dim)  # Eq. (11); n goes in as n/1000, as it scales by 1000
 
 
 def sincos_positions_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D positions: half the channels encode the row, half the column: (1, rows * cols, dim)."""
+    """Eq. (11), 2-D: half the channels encode the row, half the column: (1, rows * cols, dim)."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return torch.cat([timestep_embedding(r.flatten() / 1000, dim // 2),
-                      timestep_embedding(c.flatten() / 1000, dim // 2)], dim=-1)[None]
+                      timestep_embedding(c.flatten() / 1000, dim // 2)], dim=-1)[None]  # Eq. (11): [P(r), P(c)]
 
 
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: LayerNorm(h) * (1 + scale) + shift, with (B, D) shift/scale broadcast over tokens."""
+    """adaLN's modulation h * (1 + scale) + shift of an already normalised h (the callers apply the LayerNorm),
+    with (B, D) shift/scale broadcast over tokens."""
     return h * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -270,14 +272,16 @@ class MMDiT(nn.Module):
                 pooled: torch.Tensor) -> torch.Tensor:
         """z (B, C, H, W), t (B,), states (B, Lt, text_width), keep_text (B, Lt) bool, pooled (B, text_width)."""
         B = z.shape[0]
-        h_img = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_emb  # (B, N, D)
+        h_img = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_emb  # Eq. (11) when sin-cos; (B, N, D)
         h_txt = self.text_in(states)  # (B, Lt, D)
         if self.text_pos is not None:  # which word came first: our mini-CLIP's states hardly say (README)
-            h_txt = h_txt + self.text_pos[:, : h_txt.shape[1]]
+            h_txt = h_txt + self.text_pos[:, : h_txt.shape[1]]  # Eq. (11) when sin-cos
         c = self.t_mlp(timestep_embedding(t, 256)) + self.y_mlp(pooled)  # adaLN input: timestep + pooled text
         keep = torch.cat([keep_text, keep_text.new_ones(B, h_img.shape[1])], dim=1)  # (B, Lt + N)
         for block in self.blocks:
             h_txt, h_img = block(h_txt, h_img, c, keep)
+        # Only h_img is read out: the last block's text update (its text queries, proj, MLP, and 4 of its 6 adaLN
+        # chunks) feeds nothing and gets no gradient; SD3 leaves that part out. README, sections 4 and 7.
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         out = self.final(modulate(self.final_ln(h_img), shift, scale))  # (B, N, p*p*C)
         return self.unpatchify(out)

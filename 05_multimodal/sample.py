@@ -1,8 +1,9 @@
 """Draw digits from text: `python sample.py --prompt "a thick slanted seven" --cfg-scale 3`.
 
 Without a prompt, the prompts are "a zero" ... "a nine" in turn. `--prompts-file` reads one prompt a line;
-`--interpolate A B` walks the text condition from prompt A to prompt B with the noise held fixed.
-The .npz holds uint8 `images` and, as `labels`, the digit each prompt asked for.
+`--interpolate A B` walks from prompt A to prompt B with the noise held fixed.
+The .npz holds uint8 `images` and, as `labels`, the digit each prompt asked for (along an interpolation: A's
+digit while the weight w of B is below 0.5, B's from there on).
 
 A checkpoint trained with `--two-digit` draws 28 x 56 canvases ("a 3 to the left of an 8"; default prompts:
 `captions.py::two_digit_prompts`); its `labels` are (N, 2): the (left, right) digits each prompt asked for.
@@ -11,6 +12,7 @@ A checkpoint trained with `--two-digit` draws 28 x 56 canvases ("a 3 to the left
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -31,11 +33,14 @@ STAGE_DIR = Path(__file__).parent
 
 
 def load_model(path: Path, device, weights: str = "model") -> tuple[TextToImage, Tokenizer, TrainConfig]:
+    """The model, tokenizer and training config of a checkpoint, with its raw ("model") or EMA weights."""
     ckpt = load_checkpoint(path, STAGE)
+    if weights not in ckpt:  # pretrained/ files hold one set, the raw weights, as "model"
+        raise UserError(f"--weights {weights}: {path} holds no {weights!r} weights; use --weights model")
     cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
     tok = Tokenizer()
     model = build(cfg, tok)
-    state = ckpt[weights] if weights in ckpt else ckpt["model"]  # pretrained/ files hold one set, as "model"
+    state = ckpt[weights]
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as err:
@@ -77,16 +82,47 @@ def generate(model: TextToImage, tok: Tokenizer, prompts: list[str], noise: torc
 
 @torch.no_grad()
 def interpolate_prompts(model: TextToImage, tok: Tokenizer, a: str, b: str, noise: torch.Tensor, scale: float,
-                        steps: int) -> torch.Tensor:
-    """The token states and pooled embedding mixed (1 - w) A + w B for w from 0 to 1, one image per w."""
-    n = len(noise)
-    states_a, keep_a, pooled_a = model.condition(tok.batch([a], strict=True).to(noise.device))
-    states_b, keep_b, pooled_b = model.condition(tok.batch([b], strict=True).to(noise.device))
-    w = torch.linspace(0, 1, n, device=noise.device).view(n, 1, 1)
-    cond = ((1 - w) * states_a + w * states_b, (keep_a | keep_b).expand(n, -1),
-            (1 - w[:, 0]) * pooled_a + w[:, 0] * pooled_b)
-    null = model.condition(tok.batch([""] * n).to(noise.device))
-    return sample(model.velocity, noise[:1].expand_as(noise), cond, null, scale, steps).clamp(-1, 1)
+                        steps: int, interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """One image per w = 0 ... 1 (``len(noise)`` of them), all from ``noise[0]``: Euler steps along
+    v = (1 - w) v_A + w v_B, where v_A and v_B are the guided velocities (Eq. 8) of the two prompts, each read
+    with its own token states and padding mask. So w = 0 draws what :func:`generate` draws for A, w = 1 for B."""
+    n, device = len(noise), noise.device
+    w = torch.linspace(0, 1, n, device=device)
+    cond_a, cond_b = (model.condition(tok.batch([p] * n, strict=True).to(device)) for p in (a, b))
+    null = model.condition(tok.batch([""] * n).to(device))
+
+    def blend(z, t, cond):  # cond: prompt A's (states, keep, pooled), prompt B's, then each row's w
+        mix = cond[6].view(-1, 1, 1, 1)
+        return (1 - mix) * model.velocity(z, t, cond[:3]) + mix * model.velocity(z, t, cond[3:6])
+
+    # A and B share the empty prompt's velocity, so blending their guided velocities equals guiding the blend of
+    # their conditional ones: v_null + s ((1 - w) v_A + w v_B - v_null). `sample` guides `blend` like any prompt.
+    return sample(blend, noise[:1].expand_as(noise), (*cond_a, *cond_b, w), (*null, *null, w), scale, steps,
+                  interval=interval).clamp(-1, 1)
+
+
+def add_guidance_args(parser: argparse.ArgumentParser) -> None:
+    """The sampler's flags that sample.py and evaluate.py share."""
+    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w of Eq. (8) "
+                        "(1: plain conditional, 0: unconditional; default: the training run's --cfg-scale)")
+    parser.add_argument("--sample-steps", type=int, default=None, help="Euler steps from noise to image, at least 1 "
+                        "(default: the training run's --sample-steps)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                        help="guide only while LO <= t <= HI, 0 <= LO < HI <= 1 (t = 1 is noise); plain conditional "
+                        "elsewhere")
+    parser.add_argument("--weights", default="model", choices=("ema", "model"), help="a training checkpoint's "
+                        "raw or EMA weights (raw by default, as in the README's tables; pretrained/mnist.pt holds only "
+                        "the raw ones; the EMA measured slightly better on three seeds, README section 6)")
+
+
+def check_guidance_args(args: argparse.Namespace) -> None:
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
+        raise UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise UserError(f"--sample-steps must be at least 1, got {args.sample_steps}")
+    lo, hi = args.cfg_interval
+    if not 0 <= lo < hi <= 1:  # also false for NaN
+        raise UserError(f"--cfg-interval LO HI needs 0 <= LO < HI <= 1, got {lo:g} {hi:g}")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -95,31 +131,26 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several; the "
                         "samples cycle through them)")
     parser.add_argument("--prompts-file", default="", help="a text file with one prompt a line")
-    parser.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="walk from prompt A to prompt B")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w of Eq. (8) "
-                        "(1: plain conditional, 0: unconditional; default: the training run's --cfg-scale)")
-    parser.add_argument("--sample-steps", type=int, default=0, help="Euler steps from noise to image (default: "
-                        "the training run's --sample-steps)")
-    parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
-                        help="guide only while LO <= t <= HI (t = 1 is noise); plain conditional elsewhere")
-    parser.add_argument("--weights", default="model", choices=("ema", "model"), help="a training checkpoint's "
-                        "raw or EMA weights (raw by default, like pretrained/mnist.pt and the README's tables; the EMA "
-                        "measured slightly better on three seeds, README section 6)")
+    parser.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="walk from prompt A (w = 0) to prompt B "
+                        "(w = 1), blending their guided velocities (1 - w) v_A + w v_B; the labels are A's digit for "
+                        "w < 0.5, B's from w = 0.5 on")
+    add_guidance_args(parser)
     args = parser.parse_args(argv)
     check_sample_args(args)
-    if args.sample_steps < 0:
-        raise UserError(f"--sample-steps must be positive, got {args.sample_steps}")
+    check_guidance_args(args)
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, STAGE_DIR, args.ckpt)
     model, tok, train_cfg = load_model(path, device, args.weights)
-    args.sample_steps = args.sample_steps or train_cfg.sample_steps
+    args.sample_steps = train_cfg.sample_steps if args.sample_steps is None else args.sample_steps
     args.cfg_scale = train_cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
     cfg = model.dit.cfg
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.num_samples, cfg.channels, cfg.height, cfg.width_px, generator=g).to(device)
     if args.interpolate:
-        prompts, nrow = [args.interpolate[0]] * args.num_samples, 8
-        images = interpolate_prompts(model, tok, *args.interpolate, noise, args.cfg_scale, args.sample_steps)
+        a, b = args.interpolate
+        prompts, nrow = [a if w < 0.5 else b for w in torch.linspace(0, 1, args.num_samples).tolist()], 8
+        images = interpolate_prompts(model, tok, a, b, noise, args.cfg_scale, args.sample_steps,
+                                     tuple(args.cfg_interval))
     else:
         base = read_prompts(args, train_cfg.two_digit)
         prompts, nrow = [base[i % len(base)] for i in range(args.num_samples)], (10 if len(base) % 10 == 0 else 8)

@@ -3,8 +3,8 @@ flow on the frozen CLIP's token states.
 
 One run, one checkpoint, two phases: steps 1..--clip-steps train CLIP, the remaining steps up to --steps train
 the MMDiT (CLIP frozen). Captions are made on the fly from each image's label and measured attributes.
-With --two-digit the MMDiT trains on 28 x 56 canvases of two random digits ("a small 3 to the left of a bold
-8"); the CLIP phase stays the same (single digits).
+With --two-digit the MMDiT trains on 28 x 56 canvases of two random digits ("a small three to the left of a
+bold eight"); the CLIP phase stays the same (single digits).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_unit
 from shared.experiment import Run
+from shared.runtime import autocast
 
 STAGE = "05_multimodal"
 
@@ -37,6 +38,8 @@ PRESETS = {
 
 @dataclass
 class TrainConfig(CommonConfig):
+    dataset: str = arg("mnist", "training data: mnist (bundled), or synthetic (tiny bars, for tests); the captions "
+                       "describe digits", ("mnist", "synthetic"))
     steps: int = arg(6000, "optimizer steps in total: --clip-steps of CLIP, then the MMDiT's", min=2)
     clip_steps: int = arg(2000, "how many of the --steps train the mini-CLIP (the rest train the MMDiT)", min=1)
     lr: float = arg(6e-4, "MMDiT learning rate (AdamW)", min=1e-12)
@@ -160,7 +163,8 @@ def main(cfg: TrainConfig):
         clip_opt = torch.optim.AdamW(model.clip.parameters(), lr=cfg.clip_lr, weight_decay=0.01)
         dit_opt = torch.optim.AdamW(model.dit.parameters(), lr=cfg.lr, weight_decay=0.0)
         run.restore(model=model, ema=ema, clip_opt=clip_opt, dit_opt=dit_opt)
-        # The last joint block's text-stream output feeds nothing, so its MLP gets no gradient: DDP must know.
+        # The last joint block's text update feeds nothing (model.py::MMDiT.forward), so its proj and MLP get no
+        # gradient: DDP must know.
         clip_net, dit_net = run.wrap(model.clip), run.wrap(model.dit, find_unused_parameters=True)
         velocity = lambda z, t, cond: dit_net(z, t, *cond)  # noqa: E731
         null_ids = tok.batch([""]).to(run.device)  # the empty prompt: just <eos>
@@ -172,7 +176,8 @@ def main(cfg: TrainConfig):
             if step <= cfg.clip_steps:  # ---- phase 1: mini-CLIP, Eq. (1)-(2)
                 for group in clip_opt.param_groups:
                     group["lr"] = cfg.clip_lr * min(1.0, step / 100)
-                loss = info_nce(clip_net(x, ids))
+                with autocast(run.device, cfg.amp):
+                    loss = info_nce(clip_net(x, ids))
                 clip_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 clip_opt.step()
@@ -189,7 +194,8 @@ def main(cfg: TrainConfig):
                 cond = model.condition(ids)
                 t = logit_normal_t(len(x), cfg.t_mean, cfg.t_std).to(run.device)
                 eps = torch.randn_like(x)
-                loss = rectified_flow_loss(velocity, x, cond, t, eps)
+                with autocast(run.device, cfg.amp):
+                    loss = rectified_flow_loss(velocity, x, cond, t, eps)
                 for group in dit_opt.param_groups:
                     group["lr"] = mmdit_lr(cfg, step)
                 dit_opt.zero_grad(set_to_none=True)

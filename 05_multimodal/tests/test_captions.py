@@ -118,6 +118,11 @@ def test_two_digit_canvas_and_captions():
     assert parse_two_digit(a) == parse_two_digit(b) == (3, 8)
     assert two_digit_caption((1, ""), (8, ""), True) == "a one to the left of an eight"
     assert Tokenizer().UNK not in Tokenizer().encode(a)
-    with pytest.raises(UserError):
-        parse_two_digit("a 3")
+    # the relation is the phrase: a side's "slanted left" / "leaning right" must not flip the order
+    assert parse_two_digit("an 8 to the right of a 3, slanted left") == (3, 8)
+    assert parse_two_digit("a backslanted 3 to the left of a right-leaning 8") == (3, 8)
+    assert parse_two_digit("a 3 to the left of an 8, leaning right") == (3, 8)
+    for bad in ("a 3", "a 3 and an 8, slanted left", "a 3 to the left of an 8 to the right of"):
+        with pytest.raises(UserError):
+            parse_two_digit(bad)
     assert DIGIT_WORDS[parse_prompt("a bold italic 9")[0]] == "nine"

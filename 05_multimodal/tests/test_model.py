@@ -17,6 +17,7 @@ from model import (
     info_nce,
     zero_shot_logits,
 )
+from sample import generate, interpolate_prompts
 
 TOK = Tokenizer()
 
@@ -87,12 +88,29 @@ def test_cfg_scale_one_is_the_conditional_prediction():
     cond = model.condition(TOK.batch(["a thick 7", "a small 2", "nine"]))
     null = model.condition(TOK.batch(["", "", ""]))
     z, t = torch.randn(3, 1, 28, 28), torch.rand(3)
-    v_cond = model.velocity(z, t, cond)
-    assert torch.allclose(guided_velocity(model.velocity, z, t, cond, null, 1.0), v_cond, atol=1e-5)
-    assert torch.allclose(guided_velocity(model.velocity, z, t, cond, null, 0.0), model.velocity(z, t, null))
-    v3 = guided_velocity(model.velocity, z, t, cond, null, 3.0)
-    assert torch.allclose(v3, model.velocity(z, t, null) + 3 * (v_cond - model.velocity(z, t, null)), atol=1e-5)
-    assert not torch.allclose(v3, v_cond, atol=1e-4)
+    v_cond, v_null = model.velocity(z, t, cond), model.velocity(z, t, null)
+    guided = {w: guided_velocity(model.velocity, z, t, cond, null, w) for w in (0.0, 0.5, 1.0, 1.5, 3.0)}
+    assert torch.allclose(guided[1.0], v_null + 1.0 * (v_cond - v_null), atol=1e-5)  # Eq. (8) written out at w = 1
+    assert torch.allclose(guided[1.0], v_cond, atol=1e-5) and torch.allclose(guided[0.0], v_null)
+    # w = 0.5 and 1.5 go through the batched Eq. (8) line; w = 1 (a shortcut) must be their midpoint
+    assert torch.allclose(guided[1.0], (guided[0.5] + guided[1.5]) / 2, atol=1e-5)
+    assert torch.allclose(guided[3.0], v_null + 3 * (v_cond - v_null), atol=1e-5)
+    assert not torch.allclose(guided[3.0], v_cond, atol=1e-4) and not torch.allclose(v_cond, v_null, atol=1e-4)
+
+
+def test_interpolation_ends_are_the_two_prompts():
+    """w = 0 draws exactly what generate(A) draws from the same noise, w = 1 what generate(B) draws: each prompt is
+    read with its own padding mask (A is shorter than B, so B's mask would show A's padding states)."""
+    model = tiny().eval()
+    noise = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)).expand(5, -1, -1, -1)
+    a, b = "an 8", "a thick slanted seven, drawn small"
+    for scale, interval in ((3.0, (0.0, 1.0)), (1.0, (0.0, 1.0)), (4.0, (0.5, 1.0))):
+        walk = interpolate_prompts(model, TOK, a, b, noise, scale, steps=3, interval=interval)
+        ends = generate(model, TOK, [a, b], noise[:2], scale, 3, 8, interval)
+        assert torch.allclose(walk[0], ends[0], atol=1e-5) and torch.allclose(walk[-1], ends[1], atol=1e-5)
+        assert not torch.allclose(ends[0], ends[1], atol=1e-3)
+        steps_along = (walk[1:] - walk[:-1]).flatten(1).norm(dim=1)
+        assert (steps_along > 0).all()  # the middle images differ from both ends and from each other
 
 
 def test_mmdit_shapes_zero_init_and_named_sizes():
@@ -106,6 +124,26 @@ def test_mmdit_shapes_zero_init_and_named_sizes():
     assert counts == {"tiny": 55_568, "S": 491_856, "B": 43_314_192}  # fixed sin-cos patch positions: no parameters
     clip_counts = {name: count_params(CLIP(CLIPConfig(**size))) for name, size in CLIP_SIZES.items()}
     assert clip_counts == {"tiny": 32_433, "S": 173_473, "B": 4_204_545}
+
+
+def test_last_block_text_update_gets_no_gradient():
+    """Only the image tokens are read out, so the last block's text queries, proj, MLP and 4 of its 6 adaLN chunks
+    never get a gradient: 58,064 of MMDiT S's 491,856 parameters (README, sections 4 and 7); every other block's
+    text stream learns, through the image tokens' attention to its keys and values."""
+    torch.manual_seed(0)
+    model = MMDiT(MMDiTConfig(**MMDIT_SIZES["S"]))
+    for p in model.parameters():  # leave the zero init, which would zero many gradients that are not dead
+        p.data.add_(0.05 * torch.randn_like(p))
+    out = model(torch.randn(2, 1, 28, 28), torch.rand(2), torch.randn(2, 16, 64), torch.ones(2, 16, dtype=torch.bool),
+                torch.randn(2, 64))
+    out.square().sum().backward()
+    dead = {name: p.numel() if p.grad is None else int((p.grad == 0).sum()) for name, p in model.named_parameters()}
+    dead = {name: n for name, n in dead.items() if n}
+    last = f"blocks.{len(model.blocks) - 1}.text."
+    assert all(name.startswith(last) for name in dead), dead
+    assert sum(n for name, n in dead.items() if name.split(".")[3] in ("proj", "mlp")) == 37_248  # no gradient at all
+    assert dead[last + "ada.1.weight"] == 4 * 64 * 64 and dead[last + "qkv.weight"] == 64 * 64  # rows of live tensors
+    assert sum(dead.values()) == 58_064
 
 
 def test_unpatchify_inverts_patchify_layout():

@@ -142,13 +142,24 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     parse = lambda *argv: train.main(parse_config(train.TrainConfig, train.PRESETS, train.STAGE, list(argv)))  # noqa: E731
     assert "--clip-steps" in one_line_exit(capsys, parse, "--preset", "smoke", "--clip-steps", "50", "--steps", "20")
     assert "--patch" in one_line_exit(capsys, parse, "--preset", "smoke", "--patch", "5")
-    assert "digits" in one_line_exit(capsys, parse, "--dataset", "cifar10")
+    assert "invalid choice" in one_line_exit(capsys, parse, "--dataset", "fashion-mnist")  # --help offers two
+    smoke = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", device="cpu")
+    assert "digits" in one_line_exit(capsys, train.main, dataclasses.replace(smoke, dataset="fashion-mnist"))
     assert "at least" in one_line_exit(capsys, parse, "--batch-size", "-3")
     foreign = tmp_path / "foreign.pt"
     torch.save({"stage": "01_vae", "model": {}}, foreign)
     assert "01_vae" in one_line_exit(capsys, sample_script.main, ["--ckpt", str(foreign)])
     assert "no such" in one_line_exit(capsys, sample_script.main, ["--ckpt", str(tmp_path / "missing.pt")])
     assert ".npz" in one_line_exit(capsys, sample_script.main, ["--out", "x.png"])
+    pretrained = str(STAGE_DIR / "pretrained" / "mnist.pt")  # raw weights only: --weights ema must not fall back
+    for script in (sample_script, evaluate_script):
+        bad = lambda *flags, main=script.main: one_line_exit(capsys, main, ["--ckpt", pretrained, *flags])  # noqa: E731
+        assert "no 'ema' weights" in bad("--weights", "ema")
+        assert all("--sample-steps" in bad("--sample-steps", steps) for steps in ("0", "-1"))
+        for lo, hi in (("1", "0"), ("0.5", "0.5"), ("-0.1", "1"), ("0", "1.5"), ("0", "nan")):
+            assert "--cfg-interval" in bad("--cfg-interval", lo, hi)
+        assert "--cfg-scale" in bad("--cfg-scale", "inf")
+        assert "invalid choice" in one_line_exit(capsys, script.main, ["--device", "tpu"])  # argparse, one line too
     result = run_script(STAGE_DIR / "train.py", "--dataset", "imagenet", experiments=tmp_path)  # as a user runs it
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
@@ -171,6 +182,7 @@ def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch, capsys):
     assert np.load(out)["labels"].tolist() == [1, 2, 1]
     sample_script.main(["--ckpt", ckpt, "--num-samples", "4", "--out", str(out), "--interpolate", "a 1", "a 7"])
     assert np.load(out)["images"].shape == (4, 1, 28, 28)
+    assert np.load(out)["labels"].tolist() == [1, 1, 7, 7]  # w = 0, 1/3: A's digit; w = 2/3, 1: B's
     with pytest.raises(UserError, match="unknown word 'purple'"):
         sample_script.main(["--ckpt", ckpt, "--prompt", "a purple 7", "--out", str(out)])
     # Attribute adherence asks each attribute of 10 prompts in turn: fewer samples would leave one unasked.
