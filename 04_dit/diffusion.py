@@ -42,7 +42,7 @@ def in_interval(t_unit: float, interval: tuple[float, float]) -> bool:
 def linear_alpha_bar(T: int = T_STEPS, beta_1: float = 1e-4, beta_T: float = 0.02) -> torch.Tensor:
     """(T,) alpha_bar_t = prod_{s<=t} (1 - beta_s) for DDPM's linear schedule (Eq. 1), in float64."""
     betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
-    return torch.cumprod(1 - betas, dim=0)
+    return torch.cumprod(1 - betas, dim=0)  # Eq. (1)
 
 
 def q_sample(x0, t, eps, alpha_bar):
@@ -83,7 +83,10 @@ def ddim_sample(model, noise, y, steps: int, cfg_scale: float, null_class: int, 
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5  # Eq. (5)
         x = ab_prev ** 0.5 * x0 + (1 - ab_prev - sigma ** 2) ** 0.5 * eps  # Eq. (4)
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+            # Drawn where the generator lives (sample.py's is a CPU one, which CUDA/MPS cannot draw from), then
+            # moved: the same seed gives the same noise on every device.
+            where = generator.device if generator is not None else x.device
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=where).to(x.device)
         if trajectory is not None:
             trajectory.append(x.clone())
     return x
@@ -96,13 +99,13 @@ def ddim_sample(model, noise, y, steps: int, cfg_scale: float, null_class: int, 
 def rf_interpolate(x0, eps, t):
     """x_t = (1 - t) x_0 + t eps (Eq. 7) and its velocity dx_t/dt = eps - x_0 (Eq. 8); t (B,) in [0, 1]."""
     tb = t[:, None, None, None]
-    return (1 - tb) * x0 + tb * eps, eps - x0
+    return (1 - tb) * x0 + tb * eps, eps - x0  # Eq. (7), Eq. (8)
 
 
 def sample_t(n: int, logit_normal: bool, device, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
     """t ~ U(0, 1), or logit-normal t = sigmoid(N(mean, std^2)) (Eq. 9), which favours mid-range t."""
     if logit_normal:
-        return torch.sigmoid(mean + std * torch.randn(n, device=device))
+        return torch.sigmoid(mean + std * torch.randn(n, device=device))  # Eq. (9)
     return torch.rand(n, device=device)
 
 
@@ -113,6 +116,9 @@ def rf_loss(model, x0, y, logit_normal: bool = True, cos_weight: float = 0.0) ->
     x_t, v = rf_interpolate(x0, eps, t)
     v_theta = model(x_t, T_STEPS * t, y)
     mse = F.mse_loss(v_theta, v)  # Eq. (10)
+    # One cosine per sample, over the whole flattened (C, H, W) velocity. LightningDiT takes it per position along
+    # the channels (dim=1), which suits its 32-channel latents; on 1-channel pixels that cosine of two numbers is
+    # only the agreement of their signs (+-1, no gradient), so here the direction is that of the whole sample.
     cos = 1 - F.cosine_similarity(v_theta.flatten(1), v.flatten(1), dim=1).mean()  # Eq. (11)
     loss = mse + cos_weight * cos if cos_weight > 0 else mse
     return {"loss": loss, "mse": mse, "cos": cos}
@@ -145,14 +151,14 @@ def ode_sample(model, noise, y, steps: int, cfg_scale: float, null_class: int, m
     return x
 
 
-SAMPLERS = {"ddpm": ("ddpm", ddim_sample), "ddim": ("ddpm", ddim_sample),
-            "euler": ("flow", ode_sample), "heun": ("flow", ode_sample)}
+# Each sampler and the objective it fits: ddpm/ddim step an eps-model's chain, euler/heun a velocity model's ODE.
+SAMPLERS = {"ddpm": "ddpm", "ddim": "ddpm", "euler": "flow", "heun": "flow"}
 
 
 def sample(model, noise, y, objective: str, sampler: str, steps: int, cfg_scale: float, null_class: int,
            interval=(0.0, 1.0), generator=None, trajectory=None, clip: bool = True):
     """Dispatch to the sampler for this objective: ddpm/ddim for eps-models, euler/heun for velocity models."""
-    if SAMPLERS[sampler][0] != objective:
+    if SAMPLERS[sampler] != objective:
         raise ValueError(f"sampler {sampler} does not fit a model trained with objective {objective}")
     if objective == "ddpm":
         return ddim_sample(model, noise, y, steps, cfg_scale, null_class, eta=1.0 if sampler == "ddpm" else 0.0,

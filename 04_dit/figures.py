@@ -8,17 +8,18 @@ the attention maps of one block, written to assets/.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
-from diffusion import sample
+from diffusion import T_STEPS, linear_alpha_bar, q_sample, rf_interpolate, sample
 from sample import STAGE, load_model
 from train_vavae import reconstruct
 from vavae import AE_STAGE, ae_from_state_dict
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint
-from shared.cli import run_entry
+from shared.cli import one_line_error, run_entry
 from shared.data import load_images
 from shared.experiment import find_checkpoint
 from shared.images import save_grid
@@ -35,16 +36,35 @@ def reconstruction_figure(paths: list[str], out: Path, n: int = 12) -> Path:
     return save_grid(torch.cat(rows), out / "vavae_recon.png", nrow=n)
 
 
+def noised(x0: torch.Tensor, eps: torch.Tensor, t_unit: float, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t at the normalised time t_unit in (0, 1) by the model's own forward process, and the time the network is
+    shown: Eq. (2) at step t_unit T for a DDPM model, Eq. (7) at t = t_unit for a flow model (fed as T t)."""
+    step = round(t_unit * T_STEPS)
+    t = torch.full((x0.shape[0],), step)
+    if objective == "ddpm":
+        return q_sample(x0, t, eps, linear_alpha_bar()), t.float()
+    return rf_interpolate(x0, eps, torch.full((x0.shape[0],), t_unit))[0], t.float()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ckpt", default="")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0])
-    parser.add_argument("--out", default=str(HERE / "assets"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
+    parser.add_argument("--ckpt", default="", help="pixel-space DiT checkpoint to draw (default: this stage's "
+                        "newest run, else pretrained/mnist.pt)")
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps (DDIM for eps-models, Heun for flow)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0],
+                        help="guidance scales of the sweep, one row each")
+    parser.add_argument("--out", default=str(HERE / "assets"), help="folder the PNGs are written to")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise every picture starts from")
     parser.add_argument("--vavae", nargs="+", default=[], metavar="CKPT", help="instead: test digits and their "
                         "reconstructions by these train_vavae.py checkpoints (one row each) -> vavae_recon.png")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if not all(math.isfinite(s) and s >= 0 for s in args.scales):
+        raise UserError(f"--scales must be finite and non-negative, got {args.scales}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
     out = Path(args.out)
     if args.vavae:
         print(f"wrote {reconstruction_figure(args.vavae, out)}")
@@ -68,10 +88,10 @@ def main(argv=None):
     frames = torch.stack([noise] + [path[i] for i in picks], dim=1)  # (10, 9, 1, 28, 28)
     save_grid(frames.flatten(0, 1), out / "trajectory.png", nrow=9)
 
-    # attention maps of the last block at a mid noise level: each head, for the query token at the centre
+    # attention maps of the last block at a mid noise level (t/T = 0.3, noised as the model was trained): each
+    # head, for the query token at the centre
     x0 = path[-1][:4]
-    t = torch.full((4,), 300.0)
-    x_t = x0 * 0.7 + 0.7 * noise[:4]
+    x_t, t = noised(x0, noise[:4], 0.3, cfg["objective"])
     maps = model.attention_maps(x_t, t, y[:4], block=model.cfg.depth - 1)  # (4, nh, T, T)
     g = model.cfg.grid
     centre = (g // 2) * g + g // 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,9 +20,10 @@ from train import PRESETS, STAGE, TrainConfig
 from train import main as train_main
 
 from shared import UserError
-from shared.cli import config_from_preset, run_entry
+from shared.cli import config_from_preset, one_line_error, run_entry
 from shared.experiment import experiments_dir
 from shared.images import to_uint8
+from shared.runtime import DEVICES
 
 # The vanilla DiT (every LightningDiT switch off); each rung adds its switches to all the rungs above it.
 VANILLA = dict(objective="ddpm", logit_normal=False, cos_weight=0.0, swiglu=False, rmsnorm=False, rope=False,
@@ -83,16 +85,29 @@ def plot_ladder(rows: list[dict], path: Path) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="default", choices=list(PRESETS))
-    parser.add_argument("--eval-at", type=int, nargs="+", default=[500, 1000, 2000], help="step counts to score")
-    parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--cfg-scale", type=float, default=1.5)
-    parser.add_argument("--rungs", type=int, default=len(RUNGS), help="climb only the first N rungs")
-    parser.add_argument("--device", default="auto")
+    parser.error = one_line_error
+    parser.add_argument("--preset", default="default", choices=list(PRESETS),
+                        help="train.py preset every rung starts from (its batch, learning rate, EMA)")
+    parser.add_argument("--eval-at", type=int, nargs="+", default=[500, 1000, 2000],
+                        help="step counts to score; each rung is one run, resumed from one count to the next")
+    parser.add_argument("--num-samples", type=int, default=2000, help="samples per score (at least 10)")
+    parser.add_argument("--sample-steps", type=int, default=25, help="sampler steps (DDIM for the eps-model, "
+                        "Heun for the flow models)")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale of the samples")
+    parser.add_argument("--rungs", type=int, default=len(RUNGS), help=f"climb only the first N of the {len(RUNGS)} "
+                        "rungs")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="where to train and sample")
     args = parser.parse_args(argv)
-    if min(args.eval_at) < 1 or args.num_samples < 10:
-        raise UserError("--eval-at steps must be positive and --num-samples at least 10")
+    if min(args.eval_at) < 1:
+        raise UserError(f"--eval-at steps must be positive, got {args.eval_at}")
+    if args.num_samples < 10:
+        raise UserError(f"--num-samples must be at least 10, got {args.num_samples}")
+    if args.sample_steps < 1:
+        raise UserError(f"--sample-steps must be at least 1, got {args.sample_steps}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise UserError(f"--cfg-scale must be finite and non-negative, got {args.cfg_scale}")
+    if not 1 <= args.rungs <= len(RUNGS):
+        raise UserError(f"--rungs must be between 1 and {len(RUNGS)}, got {args.rungs}")
     from shared.metrics import evaluate  # needs the shared classifier's weights
 
     out = experiments_dir() / STAGE / "ladder"

@@ -94,7 +94,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 # --------------------------------------------------------------------------------------------------------
 
 def rope_2d_angles(head_dim: int, grid: int, base: float = 100.0) -> torch.Tensor:
-    """(T, head_dim/2) rotation angles: the first half of the pairs turn with the row, the rest with the column."""
+    """(T, head_dim/2) rotation angles: the first half of the pairs turn with the row, the rest with the column.
+
+    base 100, not LightningDiT's 10000: an axis here has only 7 patches (14 at patch size 2). With head width 32 an
+    axis gets 8 frequencies base^(-i/8); at 10000, five of them turn by under 0.2 rad across the whole 7-patch
+    grid, so those channels barely see position; at 100, two do, and the slowest still turns 0.11 rad."""
     quarter = head_dim // 4
     freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (head_dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -107,7 +111,7 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, nh, T, hd/2)
     cos, sin = angles.cos(), angles.sin()
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hd/2, 2)
-    return out.flatten(-2).type_as(x)
+    return out.flatten(-2).type_as(x)  # Eq. (A3): scores of rotated q, k see only a_j - a_i
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -122,7 +126,7 @@ def make_norm(dim: int, rms: bool, affine: bool = False) -> nn.Module:
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) V written out; the lesson's Eq. (A1). Attention.forward uses the fused SDPA."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
-    return scores.softmax(dim=-1) @ v  # (B, nh, T, hd)
+    return scores.softmax(dim=-1) @ v  # Eq. (A1); (B, nh, T, hd)
 
 
 class Attention(nn.Module):
@@ -195,9 +199,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, C) each
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope)
-        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        # (beta_1, gamma_1, alpha_1, beta_2, gamma_2, alpha_2) of Eq. (A2), each (B, C)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope)  # Eq. (A2)
+        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # Eq. (A2)
         return x
 
 

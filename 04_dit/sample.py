@@ -11,6 +11,7 @@ autoencoder, whose decoder turns them into 28x28 digits, so the .npz and the met
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -62,14 +63,17 @@ def main(argv=None):
     check_sample_args(args)
     if not -1 <= args.class_label <= 9:
         raise UserError(f"--class-label must be a digit 0..9 (or -1 for all), got {args.class_label}")
-    if args.steps < 1 or args.cfg_scale < 0:
-        raise UserError("--steps must be at least 1 and --cfg-scale non-negative")
+    if args.steps < 1 or not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise UserError("--steps must be at least 1 and --cfg-scale finite and non-negative")
+    lo, hi = args.cfg_interval
+    if not 0 <= lo < hi <= 1:  # also false for NaN
+        raise UserError(f"--cfg-interval LO HI needs 0 <= LO < HI <= 1 (normalised time), got {lo:g} {hi:g}")
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
     model, cfg, ae = load_model(path, device)
     sampler = args.sampler or ("ddim" if cfg["objective"] == "ddpm" else "heun")
-    if SAMPLERS[sampler][0] != cfg["objective"]:
-        raise UserError(f"--sampler {sampler} needs a {SAMPLERS[sampler][0]} model; {path} was trained with "
+    if SAMPLERS[sampler] != cfg["objective"]:
+        raise UserError(f"--sampler {sampler} needs a {SAMPLERS[sampler]} model; {path} was trained with "
                         f"--objective {cfg['objective']}")
     n = args.num_samples
     if args.class_label >= 0:

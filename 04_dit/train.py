@@ -49,9 +49,11 @@ class TrainConfig(CommonConfig):
     rmsnorm: bool = arg(True, "RMSNorm instead of LayerNorm")
     rope: bool = arg(True, "2-D rotary position embedding in every attention layer")
     qk_norm: bool = arg(True, "RMS-normalise queries and keys")
-    beta2: float = arg(0.95, "AdamW beta2 (LightningDiT: 0.95; DiT: 0.999)")
-    class_dropout: float = arg(0.1, "probability of dropping a label to the null class, per sample")
-    ema_decay: float = arg(0.999, "EMA decay of the weights that sample.py uses (with a 1+n / 10+n warm-up)")
+    beta2: float = arg(0.95, "AdamW beta2 (LightningDiT: 0.95; DiT: 0.999); below 1, as AdamW requires",
+                       max=0.99999)
+    class_dropout: float = arg(0.1, "probability of dropping a label to the null class, per sample", max=1)
+    ema_decay: float = arg(0.999, "EMA decay of the weights that sample.py uses (with a 1+n / 10+n warm-up)",
+                           max=1)
     warmup: int = arg(100, "linear learning-rate warm-up steps")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
     cfg_scale: float = arg(2.0, "classifier-free guidance scale of the grids written while training")

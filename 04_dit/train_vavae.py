@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from vavae import AE_STAGE, AEConfig, Autoencoder, ae_losses, foundation_features, vf_loss
 
-from shared import UserError
 from shared.classifier import load_classifier
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_symmetric
@@ -39,8 +38,9 @@ class TrainConfig(CommonConfig):
     beta: float = arg(1e-3, "weight of the KL term (per pixel) in Eq. (16)")
     align: bool = arg(True, "add the VF loss (Eq. 21) against the frozen classifier's 7x7x64 features")
     vf_weight: float = arg(0.5, "w_hyper of Eq. (21) (paper: 0.5 in its first stage, then 0.1)")
-    m1: float = arg(0.5, "margin of the marginal cosine loss, Eq. (18) (paper: 0.5)")
-    m2: float = arg(0.25, "margin of the marginal distance-matrix loss, Eq. (19) (paper: 0.25)")
+    m1: float = arg(0.5, "margin of the marginal cosine loss, Eq. (18) (paper: 0.5); at 2 it never acts", max=2)
+    m2: float = arg(0.25, "margin of the marginal distance-matrix loss, Eq. (19) (paper: 0.25); at 2 it never "
+                    "acts", max=2)
     sample_every: int = arg(500, "write a reconstruction grid every N steps (0: only at the end)")
 
 
@@ -62,13 +62,11 @@ def main(cfg: TrainConfig) -> dict:
     with Run(STAGE, cfg) as run:
         images, labels = load_images(cfg.dataset)
         test_images, test_labels = load_images(cfg.dataset, train=False)
-        if tuple(images.shape[1:]) != (1, 28, 28):
-            raise UserError(f"the autoencoder is built for 28x28 grey images; --dataset {cfg.dataset} has "
-                            f"{tuple(images.shape[1:])}")
         ae = Autoencoder(AEConfig(width=cfg.width)).to(run.device)
         opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
         run.restore(model=ae, optimizer=opt)
-        net = run.wrap(ae)
+        # Without alignment the VF projection W (ae.proj) gets no gradient; DDP must then not wait for it.
+        net = run.wrap(ae, find_unused_parameters=not cfg.align)
         classifier = load_classifier(run.device) if cfg.align else None
         batches = run.batches(images, labels, cfg.batch_size)
         for step in run.steps():

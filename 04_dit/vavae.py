@@ -81,7 +81,7 @@ def ae_from_state_dict(state: dict) -> Autoencoder:
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """z = mu + sigma * eps, eps ~ N(0, I) (Eq. 14): a sample of q(z|x) that gradients flow through."""
-    return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+    return mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # Eq. (14)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

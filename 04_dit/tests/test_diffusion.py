@@ -3,6 +3,7 @@ from diffusion import (
     ddim_sample,
     ddpm_loss,
     guided_prediction,
+    in_interval,
     linear_alpha_bar,
     ode_sample,
     q_sample,
@@ -115,3 +116,27 @@ def test_losses_fall_on_a_tiny_batch():
             losses.append(out["mse"].item())
         first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
         assert last < 0.7 * first, (objective, first, last)
+
+
+def test_guidance_only_inside_the_interval():
+    """A guided step runs the batch twice (label and null class); it must happen exactly at the steps whose
+    normalised time t/T lies in [LO, HI], where t/T = 1 is pure noise in both samplers."""
+    assert in_interval(0.5, (0.3, 1.0)) and not in_interval(0.2, (0.3, 1.0)) and not in_interval(0.5, (0.0, 0.4))
+    calls = []
+
+    def model(x, t, y):
+        calls.append((float(t[0]) / 1000, x.shape[0]))  # (t/T, batch): batch 4 = guided, 2 = not
+        return torch.zeros_like(x)
+
+    noise, y = torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    for draw in (lambda iv: ode_sample(model, noise, y, 10, 3.0, 10, method="euler", interval=iv),
+                 lambda iv: ddim_sample(model, noise, y, 10, 3.0, 10, interval=iv)):
+        calls.clear()
+        draw((0.45, 1.0))  # guide at high noise only
+        guided, plain = [t for t, b in calls if b == 4], [t for t, b in calls if b == 2]
+        assert len(guided) + len(plain) == len(calls) and guided and plain
+        assert min(guided) >= 0.45 and max(plain) < 0.45
+        assert calls[0] == (max(t for t, _ in calls), 4)  # the first step, nearest to noise, is guided
+        calls.clear()
+        draw((0.0, 1.0))  # the default: every step guided
+        assert all(b == 4 for _, b in calls)

@@ -1,4 +1,7 @@
 import ladder
+import pytest
+
+from shared import UserError
 
 
 def test_rungs_accumulate_one_switch_at_a_time():
@@ -30,3 +33,14 @@ def test_ladder_runs_end_to_end(tmp_path, monkeypatch):
     assert [(r["rung"], r["step"]) for r in rows] == [(ladder.RUNGS[0][0], 2), (ladder.RUNGS[0][0], 4)]
     assert seen == [(10, 1, 28, 28)] * 2
     assert (tmp_path / "04_dit" / "ladder" / "ladder_fid.png").is_file()
+
+
+def test_ladder_refuses_bad_flags_with_one_line(capsys):
+    for args in (["--sample-steps", "0"], ["--num-samples", "0"], ["--eval-at", "0", "5"], ["--rungs", "0"],
+                 ["--rungs", str(len(ladder.RUNGS) + 1)], ["--cfg-scale", "-1"]):
+        with pytest.raises(UserError):  # refused before any training
+            ladder.main(args)
+    with pytest.raises(SystemExit) as exit_:
+        ladder.main(["--device", "tpu"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err

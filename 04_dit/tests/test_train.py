@@ -9,7 +9,7 @@ import train
 
 from shared import UserError
 from shared.checkpoint import save_checkpoint
-from shared.cli import config_from_preset
+from shared.cli import config_from_preset, parse_config
 from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
 
 STAGE_DIR = Path(__file__).parents[1]
@@ -59,9 +59,44 @@ def test_cli_errors_exit_2_with_one_line(trained, tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
     for args in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(trained), "--sampler", "ddim"],
-                 ["--ckpt", str(trained), "--class-label", "12"], ["--ckpt", str(trained), "--steps", "0"]):
+                 ["--ckpt", str(trained), "--class-label", "12"], ["--ckpt", str(trained), "--steps", "0"],
+                 ["--ckpt", str(trained), "--cfg-interval", "0.7", "0.3"],
+                 ["--ckpt", str(trained), "--cfg-interval", "0.5", "0.5"],
+                 ["--ckpt", str(trained), "--cfg-interval", "-0.1", "1"],
+                 ["--ckpt", str(trained), "--cfg-interval", "0", "1.5"],
+                 ["--ckpt", str(trained), "--cfg-scale", "nan"]):
         with pytest.raises(UserError):  # run_entry turns these into one line and exit code 2
             sample.main(args + ["--device", "cpu"])
+    for args in (["--beta2", "1"], ["--beta2", "1.5"], ["--class-dropout", "3"], ["--ema-decay", "5"],
+                 ["--ema-decay", "-0.1"], ["--cos-weight", "inf"]):
+        with pytest.raises(UserError):
+            parse_config(train.TrainConfig, train.PRESETS, train.STAGE, args)
+    assert parse_config(train.TrainConfig, train.PRESETS, train.STAGE, ["--beta2", "0.999", "--ema-decay", "1",
+                                                                        "--class-dropout", "1"]).beta2 == 0.999
+
+
+def test_figures_refuses_bad_flags_with_one_line(capsys):
+    import figures
+
+    for args in (["--steps", "0"], ["--scales", "2", "-1"], ["--scales", "nan"]):
+        with pytest.raises(UserError):
+            figures.main(args)
+    with pytest.raises(SystemExit) as exit_:
+        figures.main(["--steps", "many"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_figures_noises_as_the_model_was_trained():
+    import figures
+    from diffusion import linear_alpha_bar
+
+    x0, eps = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    x_t, t = figures.noised(x0, eps, 0.3, "flow")
+    assert torch.allclose(x_t, 0.7 * x0 + 0.3 * eps) and t.tolist() == [300.0, 300.0]  # Eq. (7)
+    ab = float(linear_alpha_bar()[300])
+    x_t, t = figures.noised(x0, eps, 0.3, "ddpm")
+    assert torch.allclose(x_t, ab ** 0.5 * x0 + (1 - ab) ** 0.5 * eps) and t.tolist() == [300.0, 300.0]  # Eq. (2)
 
 
 def test_defaults_equal_default_preset():

@@ -1,4 +1,8 @@
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,10 +30,10 @@ from vavae import (
     vf_loss,
 )
 
-from shared import UserError
+from shared import REPO_ROOT, UserError
 from shared.checkpoint import save_checkpoint
 from shared.classifier import load_classifier
-from shared.cli import config_from_preset
+from shared.cli import config_from_preset, parse_config
 from shared.data import load_images
 from shared.testing import checkpoints_equal, run_interrupted_and_straight
 
@@ -198,7 +202,6 @@ def test_ddim_leaves_latents_unclipped():
 
 def test_vavae_cli_defaults_and_errors(tmp_path):
     import dataclasses
-    from pathlib import Path
 
     from shared.testing import run_script
 
@@ -206,3 +209,19 @@ def test_vavae_cli_defaults_and_errors(tmp_path):
         config_from_preset(train_vavae.TrainConfig, train_vavae.PRESETS, "default"))
     proc = run_script(Path(train_vavae.__file__), "--width", "-2", experiments=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for args in (["--m1", "2.5"], ["--m2", "3"], ["--beta", "nan"]):
+        with pytest.raises(UserError):
+            parse_config(train_vavae.TrainConfig, train_vavae.PRESETS, AE_STAGE, args)
+
+
+def test_torchrun_without_alignment(tmp_path):
+    """Two gloo ranks with --no-align: the VF projection W then gets no gradient, which DDP must be told (it
+    used to stop at step 2 waiting for that gradient)."""
+    env = {**os.environ, "SCRATCHGEN_EXPERIMENTS": str(tmp_path), "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_vavae.py", "--preset", "smoke", "--no-align", "--steps", "4", "--run-name", "ddp",
+                           "--device", "cpu"], cwd=Path(train_vavae.__file__).parent, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / AE_STAGE / "ddp" / "ckpt.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and not ckpt["config"]["align"]
