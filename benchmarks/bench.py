@@ -18,12 +18,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from shared.checkpoint import git_hash  # noqa: E402
+
+
+def machine(device: str) -> str:
+    """The hardware a row ran on, in words: CPU cores, and the GPU's name for CUDA rows."""
+    import torch
+
+    where = f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}"
+    if device == "cuda" and torch.cuda.is_available():
+        where = f"{torch.cuda.get_device_name()}; {where}"
+    return where
 # 05_multimodal trains its CLIP first; put the few timed steps in the MMDiT phase, the expensive one.
 STAGE_TRAIN_FLAGS = {"05_multimodal": ["--clip-steps", "5"]}
 
@@ -62,12 +75,17 @@ def bench_stage(stage: str, args, tmp: Path) -> dict:
                "--repeats", str(args.repeats), "--", "--ckpt", ckpt, "--device", args.device,
                "--batch-size", str(args.samples), *extra]
         seconds = json.loads(run(cmd, cwd, env).strip().splitlines()[-1])["seconds"]
-        return round(1000 * (seconds[1] - seconds[0]) / (large - small), 3)
+        ms = 1000 * (seconds[1] - seconds[0]) / (large - small)
+        return round(ms, 3) if ms > 0 else None  # lost in timing noise at these counts: raise --samples
 
     result["sample_ms_per_image"] = per_image_ms([])
     if steps_flag:
         result["sample_ms_per_image_by_steps"] = {s: per_image_ms([steps_flag, str(s)]) for s in args.nfe}
     return result
+
+
+def ms_text(ms: float | None) -> str:
+    return "noise" if ms is None else f"{ms:.3f}"
 
 
 def main():
@@ -102,11 +120,13 @@ def main():
         if "error" in r:
             print(f"{r['stage']:15s} error: {r['error']}")
             continue
-        by_steps = ", ".join(f"{s}: {ms:.2f}" for s, ms in r.get("sample_ms_per_image_by_steps", {}).items())
+        by_steps = ", ".join(f"{s}: {ms_text(ms)}" for s, ms in r.get("sample_ms_per_image_by_steps", {}).items())
         print(f"{r['stage']:15s} {r['device']:7s} {str(r['amp'])[0]:4s} {str(r['compile'])[0]:8s} "
-              f"{r['train_images_per_s']:12.1f} {r['sample_ms_per_image']:14.3f}  {by_steps}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+              f"{r['train_images_per_s']:12.1f} {ms_text(r['sample_ms_per_image']):>14s}  {by_steps}")
+    if args.json:  # each row says how and where it was measured
+        provenance = {"command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
+                      "machine": machine(args.device), "commit": git_hash()}
+        Path(args.json).write_text(json.dumps([{**r, **provenance} for r in results], indent=2) + "\n")
 
 
 if __name__ == "__main__":
