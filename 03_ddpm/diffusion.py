@@ -204,7 +204,8 @@ class Diffusion:
         """-log p_theta(x_0) <= L in bits/dim, per image: (B,). x_0 holds 8-bit images scaled to [-1, 1].
 
         ``num_t = 0`` sums all T terms; ``num_t = k`` estimates the sum over t = 2..T from k uniform draws
-        of t (unbiased). sigma_1^2 = beta_1 in the decoder, since beta_tilde_1 = 0."""
+        of t per image (unbiased; each image draws its own t's, so the spread over images includes the noise
+        of drawing them). sigma_1^2 = beta_1 in the decoder, since beta_tilde_1 = 0."""
         B, D = x0.shape[0], x0[0].numel()
         sigma2 = self.sigma2(sigma).clone()
         sigma2[1] = self.beta[1]
@@ -212,15 +213,17 @@ class Diffusion:
         ab_T = self.alpha_bar[self.T].item()
         L_T = normal_kl(math.sqrt(ab_T) * x0, math.log(1 - ab_T), torch.zeros_like(x0), 0.0).flatten(1).sum(1)
         # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) for t = 2..T (Eq. 5)
-        ts = list(range(2, self.T + 1)) if num_t == 0 else \
-            torch.randint(2, self.T + 1, (num_t,), generator=generator).tolist()
+        if num_t == 0:
+            draws = [torch.full((B,), t, dtype=torch.long) for t in range(2, self.T + 1)]
+        else:
+            draws = torch.randint(2, self.T + 1, (num_t, B), generator=generator).unbind(0)  # (B,) each
         L_mid = torch.zeros(B, device=x0.device)
-        for t in ts:
-            tt = torch.full((B,), t, device=x0.device, dtype=torch.long)
+        for tt in draws:
+            tt = tt.to(x0.device)
             xt = self.q_sample(x0, tt, torch.randn(x0.shape, generator=generator, device=x0.device))
             mu_tilde, beta_tilde = self.q_posterior(x0, xt, tt)
             mu_theta, _ = self.p_mean(eps_theta, xt, tt, clip=False)
-            L_mid += normal_kl(mu_tilde, beta_tilde.log(), mu_theta, math.log(sigma2[t])).flatten(1).sum(1)
+            L_mid += normal_kl(mu_tilde, beta_tilde.log(), mu_theta, _gather(sigma2, tt, xt).log()).flatten(1).sum(1)
         if num_t:
             L_mid *= (self.T - 1) / num_t
         # L_0 = -log p_theta(x_0 | x_1), the discretized Gaussian decoder (Eq. 13)

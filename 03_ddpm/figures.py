@@ -182,7 +182,8 @@ def main(argv=None):
     if args.bpd_images:
         x0 = to_symmetric(load_images("mnist", train=False)[0][:args.bpd_images])
         t0 = time.time()
-        bpd = torch.cat([diffusion.bits_per_dim(model, x, num_t=args.bpd_t, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)  # one stream for all batches: every image its own t's and noise
+        bpd = torch.cat([diffusion.bits_per_dim(model, x, num_t=args.bpd_t, generator=g)
                          for x in x0.split(args.batch_size)])
         row = {"bpd": bpd.mean().item(), "bpd_se": (bpd.std() / math.sqrt(len(bpd))).item(),
                "test_images": len(bpd), "t_draws": args.bpd_t or diffusion.T - 1, "seconds": round(time.time() - t0)}
