@@ -16,7 +16,7 @@ from sample import load_model, sample_prior
 from train import binarized_test_set
 
 from shared import UserError
-from shared.cli import one_line_error, run_entry
+from shared.cli import check_seed, one_line_error, run_entry
 from shared.data import DATASETS
 from shared.images import save_grid
 
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--dataset", default="mnist", choices=DATASETS, help="test images to reconstruct and encode")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
     args = p.parse_args(argv)
-    if not 0 <= args.seed < 2**63:  # torch.Generator.manual_seed takes a signed 64-bit integer
-        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
+    check_seed(args.seed)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out must be a folder, but {out} is a file")

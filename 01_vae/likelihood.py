@@ -21,7 +21,7 @@ from tqdm import tqdm
 from train import binarized_test_set
 
 from shared import UserError
-from shared.cli import one_line_error, run_entry
+from shared.cli import check_seed, one_line_error, run_entry
 from shared.data import DATASETS
 from shared.runtime import DEVICES, choose_device
 
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("k", "num_test", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**63:  # torch.manual_seed takes a signed 64-bit integer
-        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
+    check_seed(args.seed)
     device = choose_device(args.device)
     model, ckpt, path = load_model(args.ckpt, device)
     x = binarized_test_set(args.dataset, args.num_test)[0].to(device)

@@ -23,6 +23,7 @@ from shared.data import DATASETS
 from shared.runtime import DEVICES
 
 PRESET_NAMES = ("smoke", "default", "full")
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 # Flags that describe one invocation, not the run: a resumed run never inherits them from its checkpoint.
 PER_INVOCATION = ("resume", "stop_at", "max_minutes", "device", "compile")
 
@@ -45,7 +46,7 @@ class CommonConfig:
     steps: int = arg(1000, "optimizer steps to train for (in total, also when resuming)", min=1)
     batch_size: int = arg(128, "images per step (per process under DDP)", min=1)
     lr: float = arg(1e-3, "learning rate", min=1e-12)
-    seed: int = arg(0, "seed for every random number generator; a seed fixes a run")
+    seed: int = arg(0, "seed for every random number generator; a seed fixes a run", max=SEED_MAX)
     device: str = arg("auto", "where to train: auto picks cuda, then mps, then cpu", DEVICES)
     amp: bool = arg(False, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = arg(False, "torch.compile the network")
@@ -113,8 +114,6 @@ def validate(cfg) -> None:
         if not math.isfinite(value):
             raise UserError(f"{_flag(f.name)} must be a finite number, got {value}")
         low, high = meta.get("min", 0), meta.get("max")
-        if f.name == "seed":
-            high = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
         if low is not None and value < low:
             raise UserError(f"{_flag(f.name)} must be at least {low}, got {value}")
         if high is not None and value > high:
@@ -172,7 +171,14 @@ def add_sample_args(parser: argparse.ArgumentParser, num_samples: int = 64) -> a
     return parser
 
 
+def check_seed(seed: int) -> None:
+    """The one-line error for a ``--seed`` outside what ``torch.manual_seed`` takes, for scripts' own parsers."""
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed must be in [0, {SEED_MAX}], got {seed}")
+
+
 def check_sample_args(args: argparse.Namespace) -> None:
+    check_seed(args.seed)
     if args.num_samples <= 0:
         raise UserError(f"--num-samples must be positive, got {args.num_samples}")
     if args.batch_size <= 0:

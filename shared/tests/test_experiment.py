@@ -13,7 +13,7 @@ import torch
 import toy_train
 
 from shared import UserError
-from shared.cli import TrainingDiverged, arg, config_from_preset, parse_config, validate
+from shared.cli import SEED_MAX, TrainingDiverged, arg, check_seed, config_from_preset, parse_config, validate
 from shared.experiment import find_checkpoint
 from shared.testing import checkpoints_equal, run_interrupted_and_straight, run_script
 
@@ -146,7 +146,7 @@ def test_a_new_run_does_not_inherit_the_metrics_of_one_that_died_before_its_firs
 @dataclass
 class _Bounded:
     p: float = arg(0.5, "a probability", max=1.0)
-    seed: int = arg(0, "a seed")
+    seed: int = arg(0, "a seed", max=SEED_MAX)
 
 
 @pytest.mark.parametrize("values,message", [
@@ -159,3 +159,12 @@ def test_validate_enforces_bounds_finiteness_and_the_seed_range(values, message)
     validate(_Bounded(p=1.0, seed=2**63 - 1))
     with pytest.raises(UserError, match=message):
         validate(_Bounded(**values))
+
+
+def test_every_stage_and_script_refuses_a_seed_torch_cannot_take(smoke):
+    with pytest.raises(UserError, match="--seed must be at most"):
+        validate(dataclasses.replace(smoke, seed=SEED_MAX + 1))  # CommonConfig's --seed
+    check_seed(SEED_MAX)
+    for bad in (-1, SEED_MAX + 1):
+        with pytest.raises(UserError, match="--seed must be in"):
+            check_seed(bad)
