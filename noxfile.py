@@ -90,11 +90,14 @@ def bench(session):
     session.chdir(ROOT)
     out = ROOT / "experiments" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    session.run(PY, "benchmarks/bench.py", "--json", str(out / "cpu.json"), *session.posargs, external=True)
+    for extra in ([], ["--channels-last"]):
+        name = "cpu" + "".join(extra).replace("--", "-")
+        session.run(PY, "benchmarks/bench.py", *extra, "--json", str(out / f"{name}.json"), *session.posargs,
+                    external=True)
     import torch
 
     if torch.cuda.is_available():
-        for extra in ([], ["--amp"], ["--amp", "--compile"]):
+        for extra in ([], ["--amp"], ["--amp", "--channels-last"], ["--amp", "--compile"]):
             name = "cuda" + "".join(extra).replace("--", "-")
             session.run(PY, "benchmarks/bench.py", "--device", "cuda", *extra, "--json", str(out / f"{name}.json"),
                         *session.posargs, external=True)

@@ -3,22 +3,24 @@
 
     python figures.py --ckpt pretrained/mnist.pt --out assets
     python figures.py --ckpt ../experiments/01_vae/<z2 run>/ckpt.pt --out assets --prefix z2_
+    python figures.py --curves ../experiments/01_vae/fig2/z* --out assets   # the paper's Fig. 2 from runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
-from model import VAE
+from model import SIZES, VAE
 from sample import load_model, sample_prior
 from train import binarized_test_set
 
 from shared import UserError
 from shared.cli import check_seed, one_line_error, run_entry
 from shared.data import DATASETS
-from shared.images import save_grid
+from shared.images import read_metrics, save_grid
 
 
 @torch.no_grad()
@@ -68,6 +70,54 @@ def plot_latent_codes(model: VAE, x: torch.Tensor, labels: torch.Tensor, path: P
     return path
 
 
+def lower_bound_curve(run: Path) -> dict:
+    """One run's Fig. 2 data: training images seen at each test evaluation, the test ELBO there, and the mean
+    training ELBO (one z per image, as logged) over the steps since the previous evaluation."""
+    if not (run / "config.json").is_file() or not (run / "metrics.jsonl").is_file():
+        raise UserError(f"{run} is not a run folder of train.py (no config.json / metrics.jsonl)")
+    cfg = json.loads((run / "config.json").read_text())
+    rows = read_metrics(run / "metrics.jsonl")
+    seen, test, train, window = [], [], [], []
+    for row in rows:
+        if "elbo" in row:
+            window.append(row["elbo"])
+        if "test_elbo" in row and window:
+            seen.append(row["step"] * cfg["batch_size"])
+            test.append(row["test_elbo"])
+            train.append(sum(window) / len(window))
+            window = []
+    if not seen:
+        raise UserError(f"{run}/metrics.jsonl has no test_elbo rows")
+    return dict(z_dim=cfg["z_dim"] or SIZES[cfg["model"]].z_dim, seen=seen, test=test, train=train)
+
+
+def plot_lower_bound_curves(runs: list[Path], path: Path) -> Path:
+    """The paper's Fig. 2 from our runs: the lower bound per image against training images seen, one panel per
+    N_z, train (line) and test (dots). Only AEVB: the paper's other curve, wake-sleep, is not built here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = sorted((lower_bound_curve(Path(r)) for r in runs), key=lambda c: c["z_dim"])
+    fig, axes = plt.subplots(1, len(curves), figsize=(2.6 * len(curves), 2.8), sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], curves):
+        ax.plot(c["seen"], c["train"], lw=1.2, label="AEVB (train)")
+        ax.plot(c["seen"], c["test"], ".", ms=2.5, label="AEVB (test)")
+        ax.set_xscale("log")
+        ax.set_title(f"MNIST, $N_z$ = {c['z_dim']}")
+        ax.set_xlabel("training images seen")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("lower bound per image (nats)")
+    axes[0][0].set_ylim(-150, None)
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = one_line_error  # a bad flag is one line on stderr and exit code 2, not argparse's usage block
@@ -76,11 +126,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--prefix", default="", help="prefix of the file names")
     p.add_argument("--dataset", default="mnist", choices=DATASETS, help="test images to reconstruct and encode")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    p.add_argument("--curves", nargs="+", default=[], metavar="RUN",
+                   help="instead of pictures of one checkpoint, draw the paper's Fig. 2 (lower bound against "
+                   "training images seen) from these run folders' metrics")
     args = p.parse_args(argv)
     check_seed(args.seed)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out must be a folder, but {out} is a file")
+    if args.curves:
+        path = plot_lower_bound_curves(args.curves, out / f"{args.prefix}lower_bound_curves.png")
+        print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
+        return [path]
     model, _, _ = load_model(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)
     x, labels = binarized_test_set(args.dataset)

@@ -3,6 +3,7 @@
     python train.py                    # default preset: MLP VAE, N_z = 32, minutes on a CPU
     python train.py --z-dim 2          # a 2-D latent space to look at (figures.py draws it)
     python train.py --preset full      # residual conv VAE for the headline likelihood (GPU recommended)
+    python train.py --preset paper     # the paper's §5 recipe (Adagrad, M = 100, N(0, 0.01) init): Fig. 2
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from model import SIZES, VAE, elbo, vae_config
+from model import SIZES, VAE, elbo, init_normal_, vae_config
 
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import binarize, load_images
@@ -19,12 +20,17 @@ from shared.runtime import autocast
 
 STAGE = "01_vae"
 TEST_SEED = 1234  # the one Bernoulli draw of the test set
+N_TRAIN = 60_000  # MNIST training images: the paper's prior p(theta) = N(0, I) is a weight decay of 1/N per image
 
 PRESETS = {
     "smoke": dict(dataset="synthetic", model="mlp", steps=60, batch_size=32, sample_every=30, ckpt_every=30,
                   eval_examples=128),
     "default": dict(model="mlp", steps=10_000, batch_size=128, lr=1e-3, sample_every=2000, ckpt_every=2000),
     "full": dict(model="conv", steps=300_000, batch_size=128, lr=1e-3, sample_every=10_000, ckpt_every=10_000),
+    # §5 of the paper: its MLPs, Adagrad, minibatches of M = 100, weights ~ N(0, 0.01), a N(0, I) prior on the
+    # weights; 100k steps = 10^7 training images, a tenth of Fig. 2's axis. lr: see the README's Fig. 2 section.
+    "paper": dict(model="mlp-paper", optimizer="adagrad", lr=0.01, batch_size=100, weight_decay=1 / N_TRAIN,
+                  init_std=0.01, steps=100_000, sample_every=1000, ckpt_every=10_000),
 }
 
 
@@ -38,6 +44,11 @@ class TrainConfig(CommonConfig):
     z_dim: int = arg(0, "latent size N_z (0: the model's own, 20 for mlp-paper and 32 otherwise)")
     beta: float = arg(1.0, "weight of the KL term; NOT IN THE PAPER (beta-VAE, Higgins et al. 2017), which is 1")
     eval_examples: int = arg(10_000, "test images the ELBO is measured on at each --sample-every", min=1)
+    optimizer: str = arg("adam", "adam, or adagrad as in the paper (§5)", ("adam", "adagrad"))
+    weight_decay: float = arg(0.0, "L2 weight decay; the paper's N(0, I) prior on the weights is 1/60000 per "
+                              "image (the paper preset)", min=0.0)
+    init_std: float = arg(0.0, "draw every parameter from N(0, init_std^2), the paper's 0.01 (0: PyTorch's "
+                          "default init)", min=0.0)
 
 
 def binarized_test_set(dataset: str, n: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +71,12 @@ def main(cfg: TrainConfig):
         images, labels = load_images(cfg.dataset, train=True)      # uint8 (N, 1, 28, 28)
         x_test = binarized_test_set(cfg.dataset, cfg.eval_examples)[0].to(run.device)
 
-        model = VAE(vae_config(cfg.model, cfg.z_dim)).to(run.device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        model = VAE(vae_config(cfg.model, cfg.z_dim))
+        if cfg.init_std > 0:
+            init_normal_(model, cfg.init_std)
+        model.to(run.device)
+        optimizer = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[cfg.optimizer]
+        opt = optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         run.restore(model=model, optimizer=opt)
         net = run.wrap(model)
         batches = run.batches(images, labels, cfg.batch_size)

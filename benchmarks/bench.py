@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                         # every stage, default preset sizes, CPU
     python benchmarks/bench.py --device cuda --amp --compile --preset full
+    python benchmarks/bench.py --stages 02_gan 03_ddpm --channels-last   # conv stages, NHWC memory order
     nox -s bench                                       # the same, CPU and (when present) CUDA variants
 
 Training: ``train.py --steps N`` with logging every step; images/s comes from the timestamps in
@@ -10,7 +11,7 @@ counted). Sampling: ``benchmarks/time_sampling.py`` runs the stage's ``sample.py
 sample counts and times only "checkpoint loaded -> samples ready"; the difference divided by the difference
 in counts is the time per image. Diffusion stages are also timed at several sampler step counts (each step
 is one network evaluation, two with classifier-free guidance, and Heun's steps two). Prints a table and
-writes JSON.
+writes JSON. ``--channels-last`` applies to training only (``train.py --channels-last``).
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 def bench_stage(stage: str, args, tmp: Path) -> dict:
     cwd, env = ROOT / stage, {**os.environ, "SCRATCHGEN_EXPERIMENTS": str(tmp), "PYTHONPATH": str(ROOT)}
-    name = f"bench-{args.device}{'-amp' if args.amp else ''}{'-compile' if args.compile else ''}"
+    name = f"bench-{args.device}{'-amp' if args.amp else ''}{'-compile' if args.compile else ''}" \
+        f"{'-cl' if args.channels_last else ''}"
     flags = ["--preset", args.preset, "--steps", str(args.steps), "--log-every", "1", "--sample-every", "0",
              "--ckpt-every", "0", "--device", args.device, "--run-name", name]
     flags += STAGE_TRAIN_FLAGS.get(stage, [])
     flags += ["--amp"] if args.amp else []
     flags += ["--compile"] if args.compile else []
+    flags += ["--channels-last"] if args.channels_last else []
     run([sys.executable, "train.py", *flags], cwd, env)
     run_dir = tmp / stage / name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -63,7 +66,8 @@ def bench_stage(stage: str, args, tmp: Path) -> dict:
     batch = json.loads((run_dir / "config.json").read_text())["batch_size"]
     steps_per_s = (rows[-1]["step"] - rows[0]["step"]) / max(rows[-1]["time"] - rows[0]["time"], 1e-9)
     result = {"stage": stage, "device": args.device, "amp": args.amp, "compile": args.compile,
-              "preset": args.preset, "batch_size": batch, "train_images_per_s": round(steps_per_s * batch, 1)}
+              "channels_last": args.channels_last, "preset": args.preset, "batch_size": batch,
+              "train_images_per_s": round(steps_per_s * batch, 1)}
 
     ckpt = str(run_dir / "ckpt.pt")
     help_text = run([sys.executable, "sample.py", "--help"], cwd, env)
@@ -101,6 +105,7 @@ def main():
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory order (training)")
     parser.add_argument("--json", default="", help="where to write the results (default: print only)")
     args = parser.parse_args()
     if args.steps <= args.warmup + 1 or args.samples < 8:
@@ -114,14 +119,15 @@ def main():
             except RuntimeError as err:
                 results.append({"stage": stage, "error": str(err).splitlines()[0]})
             print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'stage':15s} {'device':7s} {'amp':4s} {'compile':8s} {'train img/s':>12s} {'sample ms/img':>14s}  "
-          "ms/img by sampler steps")
+    print(f"\n{'stage':15s} {'device':7s} {'amp':4s} {'compile':8s} {'NHWC':5s} {'train img/s':>12s} "
+          f"{'sample ms/img':>14s}  ms/img by sampler steps")
     for r in results:
         if "error" in r:
             print(f"{r['stage']:15s} error: {r['error']}")
             continue
         by_steps = ", ".join(f"{s}: {ms_text(ms)}" for s, ms in r.get("sample_ms_per_image_by_steps", {}).items())
         print(f"{r['stage']:15s} {r['device']:7s} {str(r['amp'])[0]:4s} {str(r['compile'])[0]:8s} "
+              f"{str(r['channels_last'])[0]:5s} "
               f"{r['train_images_per_s']:12.1f} {ms_text(r['sample_ms_per_image']):>14s}  {by_steps}")
     if args.json:  # each row says how and where it was measured
         provenance = {"command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),

@@ -22,10 +22,9 @@ from shared import UserError
 from shared.data import DATASETS
 from shared.runtime import DEVICES
 
-PRESET_NAMES = ("smoke", "default", "full")
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 # Flags that describe one invocation, not the run: a resumed run never inherits them from its checkpoint.
-PER_INVOCATION = ("resume", "stop_at", "max_minutes", "device", "compile")
+PER_INVOCATION = ("resume", "stop_at", "max_minutes", "device", "compile", "channels_last")
 
 
 def arg(default, help: str, choices: tuple | None = None, min: float | None = 0, max: float | None = None):
@@ -41,7 +40,8 @@ class TrainingDiverged(RuntimeError):
 class CommonConfig:
     """Flags every stage's train.py has, spelled the same everywhere."""
     preset: str = arg("default", "smoke (<60 s on CPU), default (<15 min on 2 CPU cores), full (the paper's "
-                      "result; GPU recommended). Every other flag overrides the preset", PRESET_NAMES)
+                      "result; GPU recommended), or a stage's own (listed below). Every other flag overrides the "
+                      "preset")
     dataset: str = arg("mnist", "training data; mnist is bundled, the others download", DATASETS)
     steps: int = arg(1000, "optimizer steps to train for (in total, also when resuming)", min=1)
     batch_size: int = arg(128, "images per step (per process under DDP)", min=1)
@@ -50,6 +50,8 @@ class CommonConfig:
     device: str = arg("auto", "where to train: auto picks cuda, then mps, then cpu", DEVICES)
     amp: bool = arg(False, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = arg(False, "torch.compile the network")
+    channels_last: bool = arg(False, "keep the network's conv weights (and so its activations) in channels_last "
+                              "memory order, a speed option for conv nets")
     run_name: str = arg("", "folder under experiments/<stage>/ (default: <preset>-<date>-<time>)")
     resume: str = arg("", "continue a run: a checkpoint path, a run folder, or 'auto' (the named run, else the "
                       "newest run of this stage)")
@@ -95,8 +97,9 @@ def build_parser(config_cls, presets: dict, description: str) -> argparse.Argume
         else:
             kwargs["type"] = type(default)
             kwargs["metavar"] = {int: "N", float: "X", str: "S"}[type(default)]
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
+        choices = tuple(presets) if f.name == "preset" else meta.get("choices")
+        if choices:
+            kwargs["choices"] = choices
             kwargs.pop("metavar", None)
         parser.add_argument(_flag(f.name), help=f"{text} (default: {default!r})", **kwargs)
     return parser

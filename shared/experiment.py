@@ -189,10 +189,13 @@ class Run:
         return self.step
 
     def wrap(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
-        """The module to train with: compiled if ``--compile``, DDP-wrapped under torchrun.
+        """The module to train with: channels_last if ``--channels-last``, compiled if ``--compile``, DDP-wrapped
+        under torchrun.
 
         ``find_unused_parameters``: set it for a model whose loss does not reach every parameter (DDP otherwise
         waits for their gradients and fails on the next step)."""
+        if self.cfg.channels_last:  # in place: the optimizer keeps the same parameters, now NHWC in memory
+            model.to(memory_format=torch.channels_last)
         if self.cfg.compile:
             model = torch.compile(model)
         if self.dist.enabled:

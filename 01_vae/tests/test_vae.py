@@ -1,6 +1,7 @@
 """01_vae tests: the SGVB math against closed forms and Monte Carlo, the model, learning, resume and the CLIs."""
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from model import (
     elbo,
     gaussian_kl,
     importance_sampled_log_px,
+    init_normal_,
     log_normal,
     log_standard_normal,
     num_params,
@@ -24,6 +26,7 @@ from model import (
     vae_config,
 )
 
+from shared import UserError
 from shared.checkpoint import save_checkpoint
 from shared.cli import config_from_preset, parse_config, run_entry
 from shared.data import binarize, synthetic_images
@@ -162,6 +165,48 @@ def test_resume_is_bit_identical(tmp_path):
     assert straight["step"] == resumed["step"] == 12
     assert checkpoints_equal(straight, resumed, keys=("model", "optimizer"))  # every weight and Adam moment
     assert same_training(straight, resumed) == []  # and the step, the RNG states and the rest of the checkpoint
+
+
+def test_resume_is_bit_identical_with_the_papers_adagrad_and_weight_decay(tmp_path):
+    cfg = smoke_cfg(steps=8, ckpt_every=3, sample_every=0, optimizer="adagrad", lr=0.02, weight_decay=1e-3,
+                    init_std=0.01)
+    straight, resumed = run_interrupted_and_straight(train.main, cfg, stop_at=5, experiments=tmp_path)
+    assert checkpoints_equal(straight, resumed, keys=("model", "optimizer"))  # Adagrad's squared-gradient sums
+    assert same_training(straight, resumed) == []
+    group = straight["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 1e-3 and group["lr"] == 0.02
+    assert all(set(s) >= {"sum", "step"} for s in straight["optimizer"]["state"].values())  # it is Adagrad
+
+
+def test_paper_preset_is_section_5():
+    paper = train.PRESETS["paper"]
+    assert (paper["model"], paper["optimizer"], paper["batch_size"], paper["init_std"]) == \
+        ("mlp-paper", "adagrad", 100, 0.01)
+    assert paper["lr"] in (0.01, 0.02, 0.1)                      # the paper's three Adagrad step sizes
+    assert math.isclose(paper["weight_decay"] * 60_000, 1.0)     # N(0, I) prior on theta, per training image
+    assert paper["steps"] * paper["batch_size"] == 10**7          # a tenth of Fig. 2's axis
+
+
+def test_init_normal_draws_every_parameter_from_n0_std():
+    model = init_normal_(VAE(SIZES["mlp-paper"]), 0.01)
+    values = torch.cat([p.flatten() for p in model.parameters()])  # 815,824 numbers
+    assert abs(values.std().item() - 0.01) < 1e-4 and abs(values.mean().item()) < 1e-4
+    assert all(p.abs().max() > 0 for p in model.parameters())     # biases too, not only weights
+
+
+def test_lower_bound_curve_bins_training_elbo_between_evaluations(tmp_path):
+    import figures
+
+    (tmp_path / "config.json").write_text(json.dumps({"batch_size": 100, "z_dim": 0, "model": "mlp-paper"}))
+    rows = [{"step": 10, "elbo": -200.0}, {"step": 20, "elbo": -180.0}, {"step": 20, "test_elbo": -185.0},
+            {"step": 30, "elbo": -150.0}, {"step": 30, "test_elbo": -155.0}, {"step": 40, "elbo": -1.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    curve = figures.lower_bound_curve(tmp_path)
+    assert curve == dict(z_dim=20, seen=[2000, 3000], test=[-185.0, -155.0], train=[-190.0, -150.0])
+    path = figures.main(["--curves", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "pics")])[0]
+    assert path.name == "lower_bound_curves.png" and path.stat().st_size > 5000
+    with pytest.raises(UserError, match="not a run folder"):
+        figures.lower_bound_curve(tmp_path / "pics")
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,23 @@ def test_scalars_logged_now_and_then_are_averaged_over_their_own_steps(smoke, tm
     assert row["loss"] == 2.5 and row["rare"] == 10.0
 
 
+def test_channels_last_reorders_conv_weights_in_place_and_computes_the_same(smoke):
+    from shared.experiment import Run
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 2))
+    params, x = list(net.parameters()), torch.randn(2, 3, 16, 16)
+    before = net(x)
+    with Run("00_toy", dataclasses.replace(smoke, run_name="cl", channels_last=True, steps=1)) as run:
+        wrapped = run.wrap(net)
+    assert wrapped is net and list(net.parameters()) == params  # the optimizer's tensors, not copies
+    convs = [m.weight for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    assert net[0](x).is_contiguous(memory_format=torch.channels_last)  # NCHW input, NHWC activations
+    torch.testing.assert_close(net(x), before)
+
+
 def test_a_bad_choice_is_one_line(tmp_path):
     proc = run_script(TOY, "--device", "tpu", experiments=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "invalid choice" in proc.stderr
