@@ -72,11 +72,11 @@ def discriminator_step(G, D, opt_d, x, gan_cfg: GANConfig, amp: bool = False, sc
         with torch.no_grad():
             fake = G(z)  # (B, 1, 28, 28), a constant for D's update
         real_logits, fake_logits = D(x), D(fake)  # (B,), (B,)
-        loss = scale * discriminator_loss(real_logits.float(), fake_logits.float())
+        minus_v = discriminator_loss(real_logits.float(), fake_logits.float())
     opt_d.zero_grad(set_to_none=True)
-    loss.backward()
+    (scale * minus_v).backward()  # the scale changes the step, not the value of the game logged below
     opt_d.step()
-    return {"d_loss": loss.detach(), "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+    return {"d_loss": minus_v.detach(), "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
             "d_fake": torch.sigmoid(fake_logits.detach().float()).mean()}
 
 
@@ -117,10 +117,10 @@ def simultaneous_step(G, D, opt_g, opt_d, x, gan_cfg: GANConfig, loss_name: str,
         fake = G(z)  # (B, 1, 28, 28), with G's graph
         logits = D(torch.cat([x, fake])).float()  # (2B,)
     real_logits, fake_logits = logits.chunk(2)
-    d_loss = scale * discriminator_loss(real_logits, fake_logits)
+    d_loss = discriminator_loss(real_logits, fake_logits)
     g_loss = GENERATOR_LOSSES[loss_name](fake_logits)
     d_params, g_params = list(D.parameters()), list(G.parameters())
-    d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
+    d_grads = torch.autograd.grad(scale * d_loss, d_params, retain_graph=True)
     g_grads = torch.autograd.grad(g_loss, g_params)
     for params, grads in ((d_params, d_grads), (g_params, g_grads)):
         for p, g in zip(params, grads):
@@ -197,10 +197,12 @@ def main(cfg: TrainConfig):
                 run.log(step, **simultaneous_step(G_train, D_train, opt_g, opt_d, to_data(x).to(run.device), gan_cfg,
                                                   cfg.loss, cfg.d_loss_scale, cfg.amp))
             else:
+                d_steps = []
                 for _ in range(cfg.k):  # Algorithm 1: k steps on D ...
                     x, _ = next(batches)
-                    d_stats = discriminator_step(G_train, D_train, opt_d, to_data(x).to(run.device), gan_cfg,
-                                                 cfg.amp, cfg.d_loss_scale)
+                    d_steps.append(discriminator_step(G_train, D_train, opt_d, to_data(x).to(run.device), gan_cfg,
+                                                      cfg.amp, cfg.d_loss_scale))
+                d_stats = {key: sum(s[key] for s in d_steps) / cfg.k for key in d_steps[0]}  # all k logged
                 # only on a logging step: the norms' own row below flushes the running averages of the losses
                 measure = cfg.diag_every > 0 and step % cfg.diag_every == 0 and step % cfg.log_every == 0
                 g_stats = generator_step(G_train, D_train, opt_g, cfg.batch_size, gan_cfg, cfg.loss, run.device,

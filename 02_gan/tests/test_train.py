@@ -168,6 +168,33 @@ def test_exact_resume(tmp_path, overrides):
     assert not optim_equal(full, {**full, "param_groups": groups})
 
 
+def test_logged_d_loss_is_minus_v_averaged_over_the_k_discriminator_steps(tmp_path, monkeypatch):
+    import json
+
+    import train
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    calls = []
+
+    def recorded(*args):
+        calls.append({key: value.item() for key, value in discriminator_step(*args).items()})
+        return dict(calls[-1])
+
+    monkeypatch.setattr(train, "discriminator_step", recorded)
+    main(smoke(run_name="k3", steps=1, k=3, d_loss_scale=0.5, log_every=1, sample_every=0, ckpt_every=0))
+    row = json.loads((tmp_path / STAGE / "k3" / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(calls) == 3 and len({c["d_loss"] for c in calls}) == 3
+    for key in ("d_loss", "d_real", "d_fake"):
+        assert row[key] == pytest.approx(sum(c[key] for c in calls) / 3, rel=1e-6), key
+    # the first D step sees the untrained pair, whose -V does not depend on the scale of D's step
+    calls.clear()
+    main(smoke(run_name="k1", steps=1, k=1, d_loss_scale=1.0, log_every=1, sample_every=0, ckpt_every=0))
+    first_unscaled = calls[0]["d_loss"]
+    calls.clear()
+    main(smoke(run_name="k1-half", steps=1, k=1, d_loss_scale=0.5, log_every=1, sample_every=0, ckpt_every=0))
+    assert calls[0]["d_loss"] == pytest.approx(first_unscaled, rel=1e-6)
+
+
 def test_checkpoint_and_outputs(smoke_run):
     ckpt = torch.load(smoke_run / "ckpt.pt", weights_only=True)
     assert {"model", "discriminator", "opt_g", "opt_d", "rng", "config"} <= set(ckpt)
