@@ -14,7 +14,7 @@ import torch
 from model import SIZES, VAE, elbo, init_normal_, vae_config
 
 from shared.cli import CommonConfig, arg, train_entry
-from shared.data import binarize, load_images
+from shared.data import load_images, to_unit
 from shared.experiment import Run
 from shared.runtime import autocast
 
@@ -49,6 +49,13 @@ class TrainConfig(CommonConfig):
                               "image (the paper preset)", min=0.0)
     init_std: float = arg(0.0, "draw every parameter from N(0, init_std^2), the paper's 0.01 (0: PyTorch's "
                           "default init)", min=0.0)
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dynamic binarization: a fresh Bernoulli draw per pixel with the grey level as its probability, so the
+    Bernoulli decoder of Appendix C.1 models binary data and the model never sees the same bits twice."""
+    probs = to_unit(x) if x.dtype == torch.uint8 else x
+    return torch.bernoulli(probs, generator=generator)
 
 
 def binarized_test_set(dataset: str, n: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,12 +109,6 @@ def to_symmetric(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dynamic binarization: a fresh Bernoulli draw per pixel, with the grey level as its probability."""
-    probs = to_unit(x) if x.dtype == torch.uint8 else x
-    return torch.bernoulli(probs, generator=generator)
-
-
 class TensorImages(Dataset):
     """``(images, labels)`` held in memory; fetches whole batches at once (``__getitems__``) for speed."""
 

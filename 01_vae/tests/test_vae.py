@@ -25,11 +25,12 @@ from model import (
     reparameterize,
     vae_config,
 )
+from train import binarize
 
 from shared import UserError
 from shared.checkpoint import save_checkpoint
 from shared.cli import config_from_preset, parse_config, run_entry
-from shared.data import binarize, synthetic_images
+from shared.data import synthetic_images
 from shared.testing import (
     checkpoints_equal,
     missing_readme_references,
@@ -157,6 +158,14 @@ def test_training_loss_falls_on_a_tiny_batch():
 # ------------------------------------------------------------------------------------------ training and CLIs
 def smoke_cfg(**kw):
     return config_from_preset(train.TrainConfig, train.PRESETS, "smoke", device="cpu", **kw)
+
+
+def test_binarize_draws_bernoulli_pixels_with_the_grey_level_as_probability():
+    grey = torch.full((20000,), 64, dtype=torch.uint8)
+    b = binarize(grey, torch.Generator().manual_seed(0))
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    assert abs(b.mean().item() - 64 / 255) < 0.015
+    assert not torch.equal(b, binarize(grey, torch.Generator().manual_seed(1)))  # a fresh draw each time
 
 
 def test_resume_is_bit_identical(tmp_path):
