@@ -109,7 +109,8 @@ def plot_lower_bound_curves(runs: list[Path], path: Path) -> Path:
         ax.set_xlabel("training images seen")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("lower bound per image (nats)")
-    axes[0][0].set_ylim(-150, None)
+    # the first training window averages over the untrained start, far below: keep the test points in view
+    axes[0][0].set_ylim(min(min(c["test"]) for c in curves) - 5, max(max(c["train"] + c["test"]) for c in curves) + 3)
     axes[0][-1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,10 +135,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out must be a folder, but {out} is a file")
-    if args.curves:
+    if args.curves:  # the picture, and its numbers beside it
         path = plot_lower_bound_curves(args.curves, out / f"{args.prefix}lower_bound_curves.png")
-        print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
-        return [path]
+        numbers = path.with_suffix(".json")
+        numbers.write_text(json.dumps({str(run): lower_bound_curve(Path(run)) for run in args.curves}) + "\n")
+        for p in (path, numbers):
+            print(f"wrote {p} ({p.stat().st_size // 1024} KB)")
+        return [path, numbers]
     model, _, _ = load_model(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)
     x, labels = binarized_test_set(args.dataset)

@@ -212,8 +212,9 @@ def test_lower_bound_curve_bins_training_elbo_between_evaluations(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     curve = figures.lower_bound_curve(tmp_path)
     assert curve == dict(z_dim=20, seen=[2000, 3000], test=[-185.0, -155.0], train=[-190.0, -150.0])
-    path = figures.main(["--curves", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "pics")])[0]
+    path, numbers = figures.main(["--curves", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "pics")])
     assert path.name == "lower_bound_curves.png" and path.stat().st_size > 5000
+    assert json.loads(numbers.read_text()) == {str(tmp_path): curve}
     with pytest.raises(UserError, match="not a run folder"):
         figures.lower_bound_curve(tmp_path / "pics")
 
