@@ -28,7 +28,8 @@ PRESETS = {
     "default": dict(model="mlp", steps=10_000, batch_size=128, lr=1e-3, sample_every=2000, ckpt_every=2000),
     "full": dict(model="conv", steps=300_000, batch_size=128, lr=1e-3, sample_every=10_000, ckpt_every=10_000),
     # §5 of the paper: its MLPs, Adagrad, minibatches of M = 100, weights ~ N(0, 0.01), a N(0, I) prior on the
-    # weights; 100k steps = 10^7 training images, a tenth of Fig. 2's axis. lr: see the README's Fig. 2 section.
+    # weights; 100k steps = 10^7 training images, a tenth of Fig. 2's axis. lr 0.01: the best of the paper's
+    # {0.01, 0.02, 0.1} for N_z = 20 on the training set (assets/paper_lr_sweep.json; N_z = 10 chose 0.02).
     "paper": dict(model="mlp-paper", optimizer="adagrad", lr=0.01, batch_size=100, weight_decay=1 / N_TRAIN,
                   init_std=0.01, steps=100_000, sample_every=1000, ckpt_every=10_000),
 }
