@@ -91,15 +91,16 @@ def lower_bound_curve(run: Path) -> dict:
     return dict(z_dim=cfg["z_dim"] or SIZES[cfg["model"]].z_dim, seen=seen, test=test, train=train)
 
 
-def plot_lower_bound_curves(runs: list[Path], path: Path) -> Path:
-    """The paper's Fig. 2 from our runs: the lower bound per image against training images seen, one panel per
-    N_z, train (line) and test (dots). Only AEVB: the paper's other curve, wake-sleep, is not built here."""
+def plot_lower_bound_curves(curves: list[dict], path: Path) -> Path:
+    """The paper's Fig. 2 from our runs' curves (:func:`lower_bound_curve`): the lower bound per image against
+    training images seen, one panel per N_z, train (line) and test (dots). Only AEVB: the paper's other curve,
+    wake-sleep, is not built here."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = sorted((lower_bound_curve(Path(r)) for r in runs), key=lambda c: c["z_dim"])
+    curves = sorted(curves, key=lambda c: c["z_dim"])
     fig, axes = plt.subplots(1, len(curves), figsize=(2.6 * len(curves), 2.8), sharey=True, squeeze=False)
     for ax, c in zip(axes[0], curves):
         ax.plot(c["seen"], c["train"], lw=1.2, label="AEVB (train)")
@@ -136,9 +137,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out must be a folder, but {out} is a file")
     if args.curves:  # the picture, and its numbers beside it
-        path = plot_lower_bound_curves(args.curves, out / f"{args.prefix}lower_bound_curves.png")
+        curves = {run: lower_bound_curve(Path(run)) for run in args.curves}
+        path = plot_lower_bound_curves(list(curves.values()), out / f"{args.prefix}lower_bound_curves.png")
         numbers = path.with_suffix(".json")
-        numbers.write_text(json.dumps({str(run): lower_bound_curve(Path(run)) for run in args.curves}) + "\n")
+        numbers.write_text(json.dumps(curves) + "\n")
         for p in (path, numbers):
             print(f"wrote {p} ({p.stat().st_size // 1024} KB)")
         return [path, numbers]

@@ -38,6 +38,8 @@ def machine(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         where = f"{torch.cuda.get_device_name()}; {where}"
     return where
+
+
 # 05_multimodal trains its CLIP first; put the few timed steps in the MMDiT phase, the expensive one.
 STAGE_TRAIN_FLAGS = {"05_multimodal": ["--clip-steps", "5"]}
 

@@ -137,6 +137,15 @@ def test_channels_last_reorders_conv_weights_in_place_and_computes_the_same(smok
     torch.testing.assert_close(net(x), before)
 
 
+def test_a_stage_can_add_presets_of_its_own(capsys):
+    presets = {**toy_train.PRESETS, "paper": dict(steps=7)}
+    cfg = parse_config(toy_train.TrainConfig, presets, "00_toy", ["--preset", "paper"])
+    assert (cfg.preset, cfg.steps) == ("paper", 7)
+    with pytest.raises(SystemExit):  # a stage without it refuses it, as a bad choice
+        parse_config(toy_train.TrainConfig, toy_train.PRESETS, "00_toy", ["--preset", "paper"])
+    assert "invalid choice: 'paper'" in capsys.readouterr().err
+
+
 def test_a_bad_choice_is_one_line(tmp_path):
     proc = run_script(TOY, "--device", "tpu", experiments=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "invalid choice" in proc.stderr
