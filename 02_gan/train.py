@@ -97,6 +97,10 @@ def generator_step(G, D, opt_g, batch_size: int, gan_cfg: GANConfig, loss_name: 
     other = next(name for name in losses if name != loss_name)
     if measure:
         other_grads = torch.autograd.grad(losses[other], params, retain_graph=True)
+        if torch.distributed.is_initialized():  # autograd.grad skips DDP's averaging across ranks: do it here
+            for g in other_grads:
+                torch.distributed.all_reduce(g)
+                g /= torch.distributed.get_world_size()
     opt_g.zero_grad(set_to_none=True)
     losses[loss_name].backward()
     stats = {"g_loss": losses[loss_name].detach()}

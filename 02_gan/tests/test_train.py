@@ -1,11 +1,12 @@
 """Algorithm 1 in train.py: who each step updates, learning, exact resume, and the command lines."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
 import torch
-from gan import discriminator_loss, generator_loss_nonsaturating
+from gan import GENERATOR_LOSSES, discriminator_loss, generator_loss_nonsaturating
 from model import GANConfig, build_gan, model_config, sample_noise
 from train import (
     PRESETS,
@@ -63,6 +64,38 @@ def test_each_step_updates_only_its_player(arch):
     generator_step(G, D, opt_g, 8, gan_cfg, "nonsaturating", "cpu", measure=True)
     assert all(changed(g0, G)) and not any(changed(d0, D))
     assert all(p.requires_grad for p in D.parameters())  # D is handed back trainable
+
+
+def _measure_on_rank(rank: int, store: str, out: str):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    gan_cfg = model_config("mlp", "tiny", d_keep_in=1.0, d_keep=1.0)
+    G, D = build_gan(gan_cfg)
+    G = torch.nn.parallel.DistributedDataParallel(G)
+    torch.manual_seed(1 + rank)  # each rank its own noise, as under torchrun
+    stats = generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), 8, gan_cfg, "nonsaturating", "cpu",
+                           measure=True)
+    torch.save({k: float(v) for k, v in stats.items()}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_gradient_norms_under_ddp_are_of_the_gradient_averaged_over_ranks(tmp_path):
+    """Both logged norms are of the step's real gradient, the mean over ranks -- not one rank's own."""
+    torch.multiprocessing.spawn(_measure_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "stats")), nprocs=2)
+    logged = [torch.load(tmp_path / f"stats.{r}", weights_only=True) for r in (0, 1)]
+    torch.manual_seed(0)
+    gan_cfg = model_config("mlp", "tiny", d_keep_in=1.0, d_keep=1.0)
+    G, D = build_gan(gan_cfg)
+    fakes = []
+    for rank in (0, 1):
+        torch.manual_seed(1 + rank)
+        fakes.append(D(G(sample_noise(8, gan_cfg))))
+    for name, loss in GENERATOR_LOSSES.items():
+        mean_loss = (loss(fakes[0]) + loss(fakes[1])) / 2  # what DDP's averaged gradient is the gradient of
+        grads = torch.autograd.grad(mean_loss, list(G.parameters()), retain_graph=True)
+        expected = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+        for stats in logged:
+            assert math.isclose(stats[f"gnorm_{name}"], expected, rel_tol=1e-4), (name, stats, expected)
 
 
 def test_simultaneous_step_moves_both_players_from_the_same_point():
