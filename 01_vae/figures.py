@@ -3,7 +3,7 @@
 
     python figures.py --ckpt pretrained/mnist.pt --out assets
     python figures.py --ckpt ../experiments/01_vae/<z2 run>/ckpt.pt --out assets --prefix z2_
-    python figures.py --curves ../experiments/01_vae/fig2/z* --out assets   # the paper's Fig. 2 from runs
+    python figures.py --curves ../experiments/01_vae/fig2/{,ws-}z{3,5,10,20,200} --out assets   # Fig. 2 from runs
 """
 
 from __future__ import annotations
@@ -88,31 +88,33 @@ def lower_bound_curve(run: Path) -> dict:
             window = []
     if not seen:
         raise UserError(f"{run}/metrics.jsonl has no test_elbo rows")
-    return dict(z_dim=cfg["z_dim"] or SIZES[cfg["model"]].z_dim, seen=seen, test=test, train=train)
+    return dict(z_dim=cfg["z_dim"] or SIZES[cfg["model"]].z_dim, method=cfg.get("method", "aevb"), seen=seen,
+                test=test, train=train)
 
 
 def plot_lower_bound_curves(curves: list[dict], path: Path) -> Path:
     """The paper's Fig. 2 from our runs' curves (:func:`lower_bound_curve`): the lower bound per image against
-    training images seen, one panel per N_z, train (line) and test (dots). Only AEVB: the paper's other curve,
-    wake-sleep, is not built here."""
+    training images seen, one panel per N_z, train (line) and test (dots), AEVB and wake-sleep in two colors."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = sorted(curves, key=lambda c: c["z_dim"])
-    fig, axes = plt.subplots(1, len(curves), figsize=(2.6 * len(curves), 2.8), sharey=True, squeeze=False)
-    for ax, c in zip(axes[0], curves):
-        ax.plot(c["seen"], c["train"], lw=1.2, label="AEVB (train)")
-        ax.plot(c["seen"], c["test"], ".", ms=2.5, label="AEVB (test)")
+    z_dims = sorted({c["z_dim"] for c in curves})
+    fig, axes = plt.subplots(1, len(z_dims), figsize=(2.6 * len(z_dims), 2.8), sharey=True, squeeze=False)
+    for ax, z_dim in zip(axes[0], z_dims):
+        for c in sorted((c for c in curves if c["z_dim"] == z_dim), key=lambda c: c["method"]):
+            color, name = {"aevb": ("C0", "AEVB"), "wake-sleep": ("C3", "Wake-Sleep")}[c["method"]]
+            ax.plot(c["seen"], c["train"], lw=1.2, color=color, label=f"{name} (train)")
+            ax.plot(c["seen"], c["test"], ".", ms=2.5, color=color, alpha=0.6, label=f"{name} (test)")
         ax.set_xscale("log")
-        ax.set_title(f"MNIST, $N_z$ = {c['z_dim']}")
+        ax.set_title(f"MNIST, $N_z$ = {z_dim}")
         ax.set_xlabel("training images seen")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("lower bound per image (nats)")
     # the first training window averages over the untrained start, far below: keep the test points in view
     axes[0][0].set_ylim(min(min(c["test"]) for c in curves) - 5, max(max(c["train"] + c["test"]) for c in curves) + 3)
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    axes[0][-1].legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

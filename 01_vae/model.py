@@ -187,6 +187,30 @@ def elbo(model: VAE, x: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tens
     return {"elbo": rec - kl, "objective": rec - beta * kl, "rec": rec, "kl": kl}  # Eq. (7)
 
 
+def wake_sleep(model: VAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The wake-sleep losses (Hinton et al. 1995; README (WS-w), (WS-s)), the paper's baseline in §5 and Fig. 2.
+
+    Wake: for data x, draw z ~ q_phi(z|x) and hold it fixed (no gradient through the sample); the decoder learns
+    to explain x from it, maximizing log p_theta(x|z) (log p(z) is constant in theta). Sleep: the model dreams,
+    z ~ p(z) and x ~ p_theta(x|z), and the encoder learns to recover the dream's z, maximizing log q_phi(z|x).
+    The encoder is fitted by KL(p||q) on dreams, not by KL(q||p) on data, so no single bound is being ascended:
+    the paper's point is that AEVB, which ascends one, does better. Each phase reaches only its own network, so
+    one step on the sum of the two is the wake step and the sleep step taken from the same weights (the
+    original alternates them). "elbo" is the SGVB estimate of Eq. (7) on the wake batch, for the comparison;
+    every value is a (B,) tensor.
+    """
+    mu, logvar = model.encode(x)                          # (B, N_z)
+    z = reparameterize(mu, logvar).detach()               # (B, N_z) a sample of q, held fixed
+    wake = bernoulli_log_likelihood(x, model.decode(z))   # (B,) log p_theta(x|z), (WS-w): reaches theta only
+    with torch.no_grad():                                 # the dreams are data for the encoder, nothing more
+        z_dream = torch.randn_like(mu)                                    # (B, N_z) ~ p(z)
+        probs = torch.sigmoid(model.decode(z_dream)).nan_to_num()        # (B, 1, 28, 28); a diverged decoder's
+        x_dream = torch.bernoulli(probs)                                  # NaN fails in the loss, not here
+    sleep = log_normal(z_dream, *model.encode(x_dream))  # (B,) log q_phi(z|x) on dreams, (WS-s): reaches phi only
+    kl = gaussian_kl(mu, logvar).detach()
+    return {"elbo": wake.detach() - kl, "rec": wake.detach(), "kl": kl, "wake": wake, "sleep": sleep}
+
+
 def log_weights(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
     """log w_j = log p(x, z_j) - log q(z_j|x) for k samples z_j ~ q(z|x): (k, B).
 

@@ -4,6 +4,7 @@
     python train.py --z-dim 2          # a 2-D latent space to look at (figures.py draws it)
     python train.py --preset full      # residual conv VAE for the headline likelihood (GPU recommended)
     python train.py --preset paper     # the paper's §5 recipe (Adagrad, M = 100, N(0, 0.01) init): Fig. 2
+    python train.py --preset paper --method wake-sleep   # the paper's baseline in Fig. 2, same networks
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from model import SIZES, VAE, elbo, init_normal_, vae_config
+from model import SIZES, VAE, elbo, init_normal_, vae_config, wake_sleep
 
+from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_unit
 from shared.experiment import Run
@@ -50,6 +52,8 @@ class TrainConfig(CommonConfig):
                               "image (the paper preset)", min=0.0)
     init_std: float = arg(0.0, "draw every parameter from N(0, init_std^2), the paper's 0.01 (0: PyTorch's "
                           "default init)", min=0.0)
+    method: str = arg("aevb", "aevb (the paper's SGVB estimator), or wake-sleep, its baseline in Fig. 2 (Hinton et "
+                      "al. 1995; one process only)", ("aevb", "wake-sleep"))
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -75,7 +79,11 @@ def test_elbo(model: VAE, x_test: torch.Tensor, batch: int = 1000) -> float:
 
 
 def main(cfg: TrainConfig):
+    if cfg.method == "wake-sleep" and cfg.beta != 1.0:
+        raise UserError("--beta weights the KL term of the ELBO, which wake-sleep does not train on")
     with Run(STAGE, cfg) as run:
+        if cfg.method == "wake-sleep" and run.dist.enabled:  # it calls encode/decode, which DDP does not sync
+            raise UserError("--method wake-sleep trains on one process; run it without torchrun")
         images, labels = load_images(cfg.dataset, train=True)      # uint8 (N, 1, 28, 28)
         x_test = binarized_test_set(cfg.dataset, cfg.eval_examples)[0].to(run.device)
 
@@ -102,8 +110,12 @@ def main(cfg: TrainConfig):
             x, _ = next(batches)
             x = binarize(x).to(run.device)           # (B, 1, 28, 28) in {0, 1}: a fresh draw every batch
             with autocast(run.device, cfg.amp):      # bf16 on CUDA with --amp; a no-op on CPU
-                terms = elbo(net, x, cfg.beta)       # SGVB estimator, Eq. (7) with L = 1
-            loss = -terms["objective"].mean()        # maximize the ELBO per datapoint, Eq. (8)
+                if cfg.method == "aevb":
+                    terms = elbo(net, x, cfg.beta)     # SGVB estimator, Eq. (7) with L = 1
+                    loss = -terms["objective"].mean()  # maximize the ELBO per datapoint, Eq. (8)
+                else:                                  # the baseline: each phase maximizes its own log-likelihood
+                    terms = wake_sleep(net, x)
+                    loss = -(terms["wake"] + terms["sleep"]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -24,6 +24,7 @@ from model import (
     num_params,
     reparameterize,
     vae_config,
+    wake_sleep,
 )
 from train import binarize
 
@@ -155,6 +156,58 @@ def test_training_loss_falls_on_a_tiny_batch():
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-20:])
 
 
+# ------------------------------------------------------------------------------- the wake-sleep baseline
+def test_wake_sleep_phases_each_reach_only_their_own_network():
+    model, x = tiny_vae(), tiny_batch()
+    terms = wake_sleep(model, x)
+    enc, dec = list(model.encoder.parameters()), list(model.decoder.parameters())
+    for phase, reached, untouched in (("wake", dec, enc), ("sleep", enc, dec)):
+        grads = torch.autograd.grad(terms[phase].sum(), enc + dec, allow_unused=True, retain_graph=True)
+        by_param = dict(zip(map(id, enc + dec), grads))
+        assert all(by_param[id(p)] is None for p in untouched), phase
+        assert all(by_param[id(p)] is not None and by_param[id(p)].abs().sum() > 0 for p in reached), phase
+    torch.manual_seed(5)
+    logged = wake_sleep(model, x)["elbo"]
+    torch.manual_seed(5)
+    assert torch.equal(logged, elbo(model, x)["elbo"])  # the same SGVB estimate as AEVB's, at the same noise
+
+
+class FirstLatentInEightPixels(torch.nn.Module):
+    """A fixed decoder: pixels 0-7 are on with probability sigmoid(2 z_1), every other pixel is off. A picture
+    tells of z_1 only its count of ones n, and nothing of z_2."""
+
+    def forward(self, z):                                   # (B, 2) -> (B, 1, 28, 28) logits
+        logits = torch.full((len(z), 784), -30.0)
+        logits[:, :8] = 2 * z[:, :1]
+        return logits.view(-1, 1, 28, 28)
+
+
+def test_sleep_phase_moment_matches_the_true_posterior_of_the_dreams():
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(arch="mlp", z_dim=2, hidden=32, layers=1, act="tanh"))
+    model.decoder = FirstLatentInEightPixels()
+    opt = torch.optim.Adam(model.encoder.parameters(), lr=5e-3)
+    for _ in range(400):  # only the sleep phase trains: this decoder has no parameters
+        loss = -wake_sleep(model, torch.zeros(256, 1, 28, 28))["sleep"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    n = torch.arange(9)
+    x = (torch.arange(784) < n[:, None]).float().view(9, 1, 28, 28)   # a picture with n = 0..8 ones
+    with torch.no_grad():
+        mu, logvar = model.encode(x)                                   # (9, 2)
+    # p(z_1 | n) ∝ N(z_1; 0, 1) sigmoid(2 z_1)^n sigmoid(-2 z_1)^(8-n), by quadrature on a grid
+    grid = torch.linspace(-8, 8, 8001, dtype=torch.float64)
+    log_post = -0.5 * grid**2 + n[:, None] * F.logsigmoid(2 * grid) + (8 - n[:, None]) * F.logsigmoid(-2 * grid)
+    w = log_post.softmax(dim=1)                                        # (9, grid)
+    mean = (w * grid).sum(1)
+    var = (w * (grid - mean[:, None]) ** 2).sum(1)
+    # Sleep minimizes KL(p || q), and for a Gaussian q that matches the posterior's mean and variance
+    assert (mu[:, 0] - mean).abs().max() < 0.2, (mu[:, 0], mean)
+    assert ((logvar[:, 0].exp() / var).log().abs() < 0.4).all(), (logvar[:, 0].exp(), var)
+    assert mu[:, 1].abs().max() < 0.1 and logvar[:, 1].abs().max() < 0.15  # z_2: the prior N(0, 1)
+
+
 # ------------------------------------------------------------------------------------------ training and CLIs
 def smoke_cfg(**kw):
     return config_from_preset(train.TrainConfig, train.PRESETS, "smoke", device="cpu", **kw)
@@ -187,6 +240,16 @@ def test_resume_is_bit_identical_with_the_papers_adagrad_and_weight_decay(tmp_pa
     assert all(set(s) >= {"sum", "step"} for s in straight["optimizer"]["state"].values())  # it is Adagrad
 
 
+def test_wake_sleep_resumes_bit_identically_and_its_bound_rises(tmp_path):
+    cfg = smoke_cfg(steps=40, ckpt_every=10, sample_every=20, method="wake-sleep", log_every=5)
+    straight, resumed = run_interrupted_and_straight(train.main, cfg, stop_at=25, experiments=tmp_path)
+    assert checkpoints_equal(straight, resumed, keys=("model", "optimizer"))  # the dreams' noise resumes too
+    assert same_training(straight, resumed) == []
+    rows = [json.loads(line) for line in (tmp_path / "01_vae" / "straight" / "metrics.jsonl").read_text().splitlines()]
+    bounds = [r["elbo"] for r in rows if "elbo" in r]
+    assert np.mean(bounds[-2:]) > np.mean(bounds[:2]) + 20, bounds  # wake-sleep raises the ELBO too, nats
+
+
 def test_paper_preset_is_section_5():
     paper = train.PRESETS["paper"]
     assert (paper["model"], paper["optimizer"], paper["batch_size"], paper["init_std"]) == \
@@ -211,10 +274,15 @@ def test_lower_bound_curve_bins_training_elbo_between_evaluations(tmp_path):
             {"step": 30, "elbo": -150.0}, {"step": 30, "test_elbo": -155.0}, {"step": 40, "elbo": -1.0}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     curve = figures.lower_bound_curve(tmp_path)
-    assert curve == dict(z_dim=20, seen=[2000, 3000], test=[-185.0, -155.0], train=[-190.0, -150.0])
-    path, numbers = figures.main(["--curves", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "pics")])
+    assert curve == dict(z_dim=20, method="aevb", seen=[2000, 3000], test=[-185.0, -155.0], train=[-190.0, -150.0])
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "config.json").write_text(json.dumps({"batch_size": 100, "z_dim": 20, "method": "wake-sleep"}))
+    (ws / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert figures.lower_bound_curve(ws) == {**curve, "method": "wake-sleep"}
+    path, numbers = figures.main(["--curves", str(tmp_path), str(ws), "--out", str(tmp_path / "pics")])
     assert path.name == "lower_bound_curves.png" and path.stat().st_size > 5000
-    assert json.loads(numbers.read_text()) == {str(tmp_path): curve}
+    assert json.loads(numbers.read_text()) == {str(tmp_path): curve, str(ws): {**curve, "method": "wake-sleep"}}
     with pytest.raises(UserError, match="not a run folder"):
         figures.lower_bound_curve(tmp_path / "pics")
 
@@ -268,7 +336,8 @@ def test_train_cli_error_exits_2_with_one_line_as_a_user_sees_it(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--z-dim", "-3"], ["--model", "nope"], ["--dataset", "imagenet"],
-                                  ["--resume", "/no/such/ckpt.pt"], ["--beta", "-1"]])
+                                  ["--resume", "/no/such/ckpt.pt"], ["--beta", "-1"],
+                                  ["--method", "wake-sleep", "--beta", "0.5"], ["--method", "sleep"]])
 def test_train_cli_errors_exit_2_with_one_line(args, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     run = lambda: train.main(parse_config(train.TrainConfig, train.PRESETS, train.STAGE, ["--preset", "smoke", *args]))  # noqa: E731,E501
