@@ -1,4 +1,5 @@
-"""Measure a trained VAE on the test set: the ELBO and the importance-sampled log-likelihood, in nats.
+"""Measure a trained VAE on the test set: the ELBO and the importance-sampled log-likelihood in nats, and the
+latent dimensions it uses (active units).
 
     python likelihood.py --k 5000 --num-test 10000      # the Burda et al. 2015 protocol (slow on a CPU)
     python likelihood.py --k 5000 --num-test 1000 --json nll.json
@@ -27,8 +28,18 @@ from shared.runtime import DEVICES, choose_device
 
 
 @torch.no_grad()
+def active_units(model, x: torch.Tensor, batch_size: int = 1000, threshold: float = 1e-2) -> int:
+    """How many latent dimensions the model uses: u is active when A_u = Var_x(E_q[z_u | x]) > 0.01 over the
+    test images (Burda et al. 2015, §5.2). An inactive dimension's posterior mean ignores x: the KL term of (3)
+    has pressed its q(z_u|x) onto the prior, and the decoder has learned to ignore it."""
+    mu = torch.cat([model.encode(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])  # (N, N_z)
+    return int((mu.double().var(dim=0) > threshold).sum())
+
+
+@torch.no_grad()
 def measure(model, x: torch.Tensor, k: int, batch_size: int, elbo_samples: int = 10) -> dict:
-    """Per-datapoint test ELBO (averaged over ``elbo_samples`` draws of z) and IS log p(x); means and std errors."""
+    """Per-datapoint test ELBO (averaged over ``elbo_samples`` draws of z) and IS log p(x), means and std errors;
+    and the active units of :func:`active_units`."""
     elbos, log_px = [], []
     for start in tqdm(range(0, len(x), batch_size), desc=f"log p(x), k={k}", mininterval=2):
         xb = x[start:start + batch_size]
@@ -37,7 +48,8 @@ def measure(model, x: torch.Tensor, k: int, batch_size: int, elbo_samples: int =
     elbos, log_px = torch.cat(elbos).double(), torch.cat(log_px).double()
     se = lambda v: float(v.std() / math.sqrt(len(v)))  # noqa: E731
     return {"num_test": len(x), "k": k, "test_elbo": float(elbos.mean()), "test_elbo_se": se(elbos),
-            "test_nll": float(-log_px.mean()), "test_nll_se": se(log_px)}
+            "test_nll": float(-log_px.mean()), "test_nll_se": se(log_px), "active_units": active_units(model, x),
+            "z_dim": model.cfg.z_dim}
 
 
 def main(argv: list[str] | None = None) -> dict:

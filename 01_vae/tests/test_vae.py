@@ -156,6 +156,22 @@ def test_training_loss_falls_on_a_tiny_batch():
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-20:])
 
 
+class MeansWithKnownSpread(torch.nn.Module):
+    """encode(x): posterior means whose variance over the images is 1, 0.02, 0.005 and 0 per dimension."""
+
+    def encode(self, x):
+        s = x.flatten(1)[:, :1] * 2 - 1                         # (N, 1) = ±1, each half of the images
+        mu = s * torch.tensor([1.0, 0.02**0.5, 0.005**0.5, 0.0])  # (N, 4)
+        return mu, torch.zeros_like(mu)
+
+
+def test_active_units_count_the_dimensions_whose_posterior_mean_moves_with_x():
+    from likelihood import active_units
+
+    x = (torch.arange(2000) % 2).float().view(-1, 1, 1, 1).expand(-1, 1, 28, 28)  # half all-ones images
+    assert active_units(MeansWithKnownSpread(), x, batch_size=300) == 2       # variance 1 and 0.02 > 0.01
+
+
 # ------------------------------------------------------------------------------- the wake-sleep baseline
 def test_wake_sleep_phases_each_reach_only_their_own_network():
     model, x = tiny_vae(), tiny_batch()
