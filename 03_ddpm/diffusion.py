@@ -18,8 +18,13 @@ import torch
 
 
 def linear_betas(T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> torch.Tensor:
-    """The paper's schedule: beta_t rising linearly from 1e-4 to 0.02 over T = 1000 steps (§4)."""
-    return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # (T,)
+    """The paper's schedule: beta_t rising linearly from 1e-4 to 0.02 over T = 1000 steps (§4).
+
+    beta_1 and beta_T are the values for T = 1000. For another T both ends are scaled by 1000/T (as Nichol &
+    Dhariwal 2021 do), so that alpha_bar_T stays about 4e-5 and x_T is still noise: unscaled, T = 100 would
+    end at alpha_bar_T = 0.36, far from the N(0, I) the samplers start from. Capped at 0.999 for T < 50."""
+    scale = 1000 / T
+    return torch.linspace(beta_1 * scale, beta_T * scale, T, dtype=torch.float64).clamp(max=0.999)  # (T,)
 
 
 def cosine_betas(T: int = 1000, s: float = 0.008) -> torch.Tensor:
@@ -143,7 +148,8 @@ class Diffusion:
     # --------------------------------------------------------------------------------------------------------
 
     def ddim_timesteps(self, S: int) -> list[int]:
-        """A sub-sequence tau of S steps: evenly spaced in 1..T, ending at T (the 'linear' choice of §4.2).
+        """A sub-sequence tau of S steps: evenly spaced in 1..T, from 1 to T (a variant of
+        the 'linear' choice of Song et al.'s Appendix D.2, which spaces tau_i = floor(c i) and need not end at T).
 
         S = 1 is the single step T -> 0: the sampler's x_T ~ N(0, I) is only noise at t = T, so tau must end
         there however short it is."""
@@ -209,7 +215,7 @@ class Diffusion:
         B, D = x0.shape[0], x0[0].numel()
         sigma2 = self.sigma2(sigma).clone()
         sigma2[1] = self.beta[1]
-        # L_T = KL(q(x_T | x_0) || N(0, I)), ~0 for this schedule
+        # L_T = KL(q(x_T | x_0) || N(0, I)), ~0 for both schedules (alpha_bar_T ~ 4e-5 or less)
         ab_T = self.alpha_bar[self.T].item()
         L_T = normal_kl(math.sqrt(ab_T) * x0, math.log(1 - ab_T), torch.zeros_like(x0), 0.0).flatten(1).sum(1)
         # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) for t = 2..T (Eq. 5)

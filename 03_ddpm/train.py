@@ -40,11 +40,13 @@ class TrainConfig(CommonConfig):
     timesteps: int = arg(1000, "T, the number of diffusion steps", min=2)
     schedule: str = arg("linear", "beta schedule: the paper's linear one, or cosine (Nichol & Dhariwal, an "
                         "extension)", ("linear", "cosine"))
-    beta_1: float = arg(1e-4, "linear schedule: beta_1 (0 < beta_1 <= beta_T < 1)", max=1)
-    beta_T: float = arg(0.02, "linear schedule: beta_T (0 < beta_1 <= beta_T < 1)", max=1)
+    beta_1: float = arg(1e-4, "linear schedule: beta_1 for T = 1000, scaled by 1000/T for other T (0 < beta_1 "
+                        "<= beta_T < 1)", max=1)
+    beta_T: float = arg(0.02, "linear schedule: beta_T for T = 1000, scaled by 1000/T for other T (0 < beta_1 "
+                        "<= beta_T < 1)", max=1)
     warmup: int = arg(200, "linear learning-rate warm-up steps")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
-    ema_decay: float = arg(0.995, "EMA decay of the sampled weights, 0..1 (ramped up as (1+k)/(10+k) early on)",
+    ema_decay: float = arg(0.995, "EMA decay of the sampled weights, 0..1 (used as min(decay, (1+k)/(10+k)) at step k)",
                            max=1)
     sample_steps: int = arg(20, "DDIM steps (eta = 0) for the sample grids drawn during training", min=1)
 

@@ -20,6 +20,15 @@ def test_schedule_matches_the_paper(diffusion):
     assert (cos.alpha_bar[1:] < cos.alpha_bar[:-1]).all() and cos.alpha_bar[500] > diffusion.alpha_bar[500]
 
 
+@pytest.mark.parametrize("T", [50, 100, 250])
+def test_linear_schedule_ends_in_noise_for_any_T(T):
+    # beta_1 and beta_T are given for T = 1000 and scaled by 1000/T: the mean of the last step's
+    # x_T = sqrt(alpha_bar_T) x_0 + ... stays under 1 % of x_0's scale, as for T = 1000 (0.64 %).
+    d = Diffusion(T=T)
+    assert d.alpha_bar[T].sqrt() < 1e-2
+    assert d.beta[1].item() == pytest.approx(1e-4 * 1000 / T) and d.beta[T].item() == pytest.approx(20 / T)
+
+
 def test_unknown_schedule_or_variance_is_an_error(diffusion):
     with pytest.raises(ValueError, match="schedule"):
         Diffusion(T=10, schedule="cosin")
