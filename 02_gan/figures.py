@@ -54,7 +54,8 @@ def nearest_neighbours(G, out: Path, n: int = 8, seed: int = 0) -> Path:
 
 @torch.no_grad()
 def interpolation(G, out: Path, rows: int = 6, steps: int = 10, seed: int = 1) -> Path:
-    """z_t = (1 - t) z_0 + t z_1 for t in [0, 1]: a smooth walk through digits means G did not memorise."""
+    """z_t = (1 - t) z_0 + t z_1 for t in [0, 1]: a smooth walk through digits shows a smooth latent space
+    (it does not by itself show that G did not memorise; the nearest-neighbour figure checks that)."""
     g = torch.Generator().manual_seed(seed)
     z0, z1 = sample_noise(rows, G.cfg, generator=g), sample_noise(rows, G.cfg, generator=g)  # (rows, z_dim)
     t = torch.linspace(0, 1, steps)[None, :, None]  # (1, steps, 1)

@@ -53,13 +53,16 @@ GENERATOR_LOSSES = {"minimax": generator_loss_minimax, "nonsaturating": generato
 
 
 def optimal_discriminator(p_data: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:
-    """Proposition 1: for fixed G the best D is D*_G(x) = p_data(x) / (p_data(x) + p_g(x))."""
-    return p_data / (p_data + p_g)  # Eq. (2)
+    """Proposition 1: for fixed G the best D is D*_G(x) = p_data(x) / (p_data(x) + p_g(x)); where both
+    densities are 0 any D is optimal, and 1/2 is returned."""
+    total = p_data + p_g
+    return torch.where(total > 0, p_data / total.clamp(min=torch.finfo(total.dtype).tiny), 0.5)  # Eq. (2)
 
 
 def value_on_grid(d: torch.Tensor, p_data: torch.Tensor, p_g: torch.Tensor, dx: float) -> torch.Tensor:
-    """V(G, D) = integral of p_data log D + p_g log(1 - D) dx, by the rectangle rule on a 1-D grid."""
-    return ((p_data * torch.log(d) + p_g * torch.log1p(-d)) * dx).sum()  # Eq. (3)
+    """V(G, D) = integral of p_data log D + p_g log(1 - D) dx, by the rectangle rule on a 1-D grid; 0 log 0 = 0,
+    so D* of two densities that do not overlap (D = 1 or 0 there) gets a finite value."""
+    return ((torch.xlogy(p_data, d) + torch.xlogy(p_g, 1 - d)) * dx).sum()  # Eq. (3)
 
 
 def virtual_training_criterion(p_data: torch.Tensor, p_g: torch.Tensor, dx: float) -> torch.Tensor:

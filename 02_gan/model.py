@@ -30,7 +30,8 @@ class GANConfig:
     width: int = 64            # dcgan: w; G's widest layer has 4 * w channels, D's 2 * w
 
 
-# Named sizes: "paper" is the MNIST network of the authors' released configuration (mnist.yaml).
+# Named sizes. The MLP's "paper" is the MNIST network of the authors' released configuration (mnist.yaml); the
+# DCGAN's "paper" is Radford et al.'s width (w = 64) in this repo's 28x28 adaptation.
 SIZES = {
     "mlp": {
         "tiny": dict(g_hidden=64, d_units=32, d_pieces=2),

@@ -42,8 +42,9 @@ class TrainConfig(CommonConfig):
     k: int = arg(1, "discriminator steps per generator step (Algorithm 1)", min=1)
     z_dim: int = arg(100, "dimension of the noise z", min=1)
     noise: str = arg("gaussian", "noise prior p_z", ("gaussian", "uniform"))
-    optimizer: str = arg("adam", "adam (DCGAN: Adam(2e-4, beta1 0.5)) or sgd (the paper: momentum 0.5 -> 0.7 "
-                         "over 250 epochs, lr decayed by 1.000004 per step)", ("adam", "sgd"))
+    optimizer: str = arg("adam", "adam (DCGAN: Adam(2e-4, beta1 0.5)) or sgd (the authors' released mnist.yaml: "
+                         "momentum 0.5 -> 0.7 from epoch 1 to 250, lr divided by 1.000004 per D update)",
+                         ("adam", "sgd"))
     # Adam needs beta1 < 1 and momentum >= 1 never forgets a gradient, so both stop at 0.999 (Adam's beta2 here).
     beta1: float = arg(0.5, "Adam's beta1, in [0, 0.999]", max=0.999)
     momentum: float = arg(0.5, "initial SGD momentum, in [0, 0.999] (the schedule moves it to 0.7)", max=0.999)
@@ -82,7 +83,8 @@ def discriminator_step(G, D, opt_d, x, gan_cfg: GANConfig, amp: bool = False, sc
 
 def generator_step(G, D, opt_g, batch_size: int, gan_cfg: GANConfig, loss_name: str, device,
                    amp: bool = False, measure: bool = False) -> dict:
-    """Descend the chosen generator loss in G's parameters; D is held fixed (its parameters get no gradient).
+    """Descend the chosen generator loss in G's parameters; D's parameters are held fixed (no gradient), but
+    it stays in train mode: dropout on and, for DCGAN, batch norm on this batch's statistics.
 
     With ``measure``, also return ||grad_theta_g|| of *both* generator losses at this same (G, D): the
     saturation plot. (One extra backward pass, so only every --diag-every steps.)
@@ -161,6 +163,9 @@ def main(cfg: TrainConfig):
     if cfg.update == "simultaneous" and cfg.k != 1:
         raise UserError(f"--update simultaneous makes one D step per G step; --k {cfg.k} needs --update "
                         "alternating")
+    if cfg.update == "simultaneous" and cfg.arch == "dcgan":  # one pass over [real; fake] would mix them in BN
+        raise UserError("--update simultaneous passes real and fake images through D as one batch, whose batch "
+                        "norm would mix their statistics; use it with --arch mlp")
     with Run(STAGE, cfg) as run:
         if cfg.update == "simultaneous" and run.dist.enabled:
             raise UserError("--update simultaneous takes gradients with autograd.grad, which DDP does not "

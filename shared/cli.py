@@ -39,9 +39,9 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class CommonConfig:
     """Flags every stage's train.py has, spelled the same everywhere."""
-    preset: str = arg("default", "smoke (<60 s on CPU), default (<15 min on 2 CPU cores), full (the paper's "
-                      "result; GPU recommended), or a stage's own (listed below). Every other flag overrides the "
-                      "preset")
+    preset: str = arg("default", "smoke (<60 s on CPU), default (<15 min on 2 CPU cores), full (the recipe "
+                      "aimed at the paper's result; GPU recommended), or a stage's own (listed below). Every other "
+                      "flag overrides the preset")
     dataset: str = arg("mnist", "training data; mnist is bundled, the others download", DATASETS)
     steps: int = arg(1000, "optimizer steps to train for (in total, also when resuming)", min=1)
     batch_size: int = arg(128, "images per step (per process under DDP)", min=1)

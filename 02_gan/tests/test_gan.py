@@ -48,6 +48,17 @@ def test_optimal_discriminator_maximises_the_value():
     assert float(v_star) == pytest.approx(float(virtual_training_criterion(P_DATA, P_G, DX)), abs=1e-6)
 
 
+def test_disjoint_supports_give_the_largest_value():
+    """p_data and p_g that never overlap: D* is 1 on one support, 0 on the other, and C(G) = -log 4 + 2 log 2 = 0,
+    the largest the JSD allows (0 log 0 = 0 in V; D* = 1/2 where neither density lives)."""
+    p_data = ((GRID >= -2) & (GRID < -1)).double() / 1.0
+    p_g = ((GRID >= 1) & (GRID < 2)).double() / 1.0
+    d_star = optimal_discriminator(p_data, p_g)
+    assert d_star[p_data > 0].eq(1).all() and d_star[p_g > 0].eq(0).all() and d_star[GRID.abs() < 0.5].eq(0.5).all()
+    assert float(value_on_grid(d_star, p_data, p_g, DX)) == pytest.approx(0.0, abs=1e-12)
+    assert float(virtual_training_criterion(p_data, p_g, DX)) == pytest.approx(-LOG4 + 2 * math.log(2), abs=1e-3)
+
+
 def test_trained_discriminator_approaches_prop1():
     """A small D trained by Algorithm 1's inner loop on samples of two known 1-D densities finds D*."""
     torch.manual_seed(0)

@@ -120,10 +120,12 @@ def test_simultaneous_step_moves_both_players_from_the_same_point():
             torch.testing.assert_close(p, p0 - 0.1 * g, rtol=0, atol=1e-6)
 
 
-def test_simultaneous_update_refuses_k_above_one(tmp_path, monkeypatch):
+def test_simultaneous_update_refuses_k_above_one_and_batch_norm(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     with pytest.raises(UserError, match="--k 2 needs --update alternating"):
         main(smoke(update="simultaneous", k=2))
+    with pytest.raises(UserError, match="batch norm would mix"):
+        main(smoke(update="simultaneous", arch="dcgan"))
     assert not any(tmp_path.rglob("*"))  # refused before a run folder exists
 
 
