@@ -37,7 +37,14 @@ def load_model(path: Path, device, weights: str = "model") -> tuple[TextToImage,
     ckpt = load_checkpoint(path, STAGE)
     if weights not in ckpt:  # pretrained/ files hold one set, the raw weights, as "model"
         raise UserError(f"--weights {weights}: {path} holds no {weights!r} weights; use --weights model")
-    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    raw = dict(ckpt["config"])
+    # Runs from before the position flags had learned positions on both streams; a short-lived "auto" meant
+    # sin-cos on the two-digit canvas and learned otherwise.
+    raw.setdefault("text_pos", "learned")
+    raw.setdefault("image_pos", "learned")
+    if raw["image_pos"] == "auto":
+        raw["image_pos"] = "sincos" if raw.get("two_digit") else "learned"
+    cfg = TrainConfig(**{k: v for k, v in raw.items() if k in TrainConfig.__dataclass_fields__})
     tok = Tokenizer()
     model = build(cfg, tok)
     state = ckpt[weights]

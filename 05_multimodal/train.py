@@ -43,8 +43,8 @@ class TrainConfig(CommonConfig):
     steps: int = arg(6000, "optimizer steps in total: --clip-steps of CLIP, then the MMDiT's", min=2)
     clip_steps: int = arg(2000, "how many of the --steps train the mini-CLIP (the rest train the MMDiT)", min=1)
     lr: float = arg(6e-4, "MMDiT learning rate (AdamW)", min=1e-12)
-    lr_decay: str = arg("constant", "MMDiT learning rate after its 200-step warm-up: constant, or a cosine decay "
-                        "to 0 at the last step", ("constant", "cosine"))
+    lr_decay: str = arg("constant", "MMDiT learning rate, over a 200-step warm-up: constant, or a cosine decay "
+                        "from its first step to 0 at the last", ("constant", "cosine"))
     batch_size: int = arg(64, "images (with their captions) per step", min=1)
     ckpt_every: int = arg(250, "write a checkpoint every N steps (0: only at the end)")
     sample_every: int = arg(1000, "write a sample grid every N steps (0: only at the end)")

@@ -194,6 +194,22 @@ def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
 
 
+@pytest.mark.parametrize("two_digit, image_pos", [(True, "learned"), (True, "auto"), (False, "auto")])
+def test_checkpoints_from_before_the_position_flags_still_load(tmp_path, two_digit, image_pos):
+    # Such a config has no text_pos / image_pos (learned positions then), or the old image_pos "auto".
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", two_digit=two_digit, text_pos="learned",
+                             image_pos="sincos" if image_pos == "auto" and two_digit else "learned")
+    model = train.build(cfg, Tokenizer())
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("text_pos", "image_pos")}
+    if image_pos == "auto":
+        old["image_pos"] = "auto"
+    path = tmp_path / "old.pt"
+    torch.save({"stage": train.STAGE, "config": old, "step": 0, "model": model.state_dict()}, path)
+    loaded, _, loaded_cfg = sample_script.load_model(path, "cpu")
+    assert loaded_cfg.image_pos == cfg.image_pos
+    assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+
+
 def test_pretrained_weights_load_and_are_small():
     path = STAGE_DIR / "pretrained" / "mnist.pt"
     assert path.stat().st_size <= 8 * 2**20
