@@ -27,20 +27,23 @@ def git_hash() -> str:
                               text=True, timeout=5)
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        # new source files not yet added count too; git-ignored outputs (experiments/, data/) do not
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def provenance(stage: str, config: dict, seed: int, step: int) -> dict:
+def provenance(stage: str, config: dict, seed: int, step: int, git: str | None = None) -> dict:
+    """What a checkpoint says about where it came from; ``git``: the hash taken when the run started (by
+    default, now)."""
     return {
         "stage": stage,
         "config": config,
         "seed": seed,
         "step": step,
-        "git_hash": git_hash(),
+        "git_hash": git if git is not None else git_hash(),
         "torch_version": str(torch.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

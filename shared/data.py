@@ -1,6 +1,7 @@
 """Datasets as in-memory tensors, the transforms the stages share, and a resumable DDP-aware loader.
 
-MNIST ships with the repository (``data/MNIST/raw/*.gz``, byte-identical to the original IDX files) and is
+MNIST ships with the repository (``data/MNIST/raw/*.gz``, recompressed; their contents are byte-identical to
+the original IDX files, whose md5s are checked) and is
 decompressed on first use into the layout ``torchvision.datasets.MNIST`` reads. FashionMNIST comes through
 torchvision's download; offline, that fails with one clear :class:`~shared.UserError`.
 """
@@ -30,6 +31,13 @@ MNIST_FILES = {  # decompressed name -> md5 of the original IDX file
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
+MNIST_SIZES = {  # bytes of each IDX file (header + data): a cheap check of files unpacked earlier
+    "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60_000,
+    "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10_000,
+}
+RESTORE = "restore data/MNIST/raw/ from the repository"
 
 
 def prepare_mnist(root: Path = DATA_ROOT) -> Path:
@@ -38,19 +46,25 @@ def prepare_mnist(root: Path = DATA_ROOT) -> Path:
     for name in MNIST_FILES:
         target = raw / name
         if target.exists():
+            if target.stat().st_size != MNIST_SIZES[name]:
+                raise UserError(f"{target} has {target.stat().st_size} bytes, not MNIST's {MNIST_SIZES[name]}; "
+                                f"delete it to unpack it again from its .gz, or {RESTORE}")
             continue
         packed = raw / (name + ".gz")
         if not packed.exists():
-            raise UserError(f"MNIST file {packed} is missing; restore data/MNIST/raw/ from the repository")
+            raise UserError(f"MNIST file {packed} is missing; {RESTORE}")
         # A private temp file per process: the ranks of a fresh clone's first torchrun all unpack at once, and
         # the atomic rename means none of them ever reads a half-written file.
         fd, tmp = tempfile.mkstemp(dir=raw, prefix=name + ".", suffix=".tmp")
-        with gzip.open(packed, "rb") as src, os.fdopen(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        try:
+            with gzip.open(packed, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, EOFError) as err:  # truncated or not gzip (BadGzipFile is an OSError), disk full
+            os.remove(tmp)
+            raise UserError(f"could not unpack {packed} ({type(err).__name__}: {err}); {RESTORE}") from None
         if hashlib.md5(Path(tmp).read_bytes()).hexdigest() != MNIST_FILES[name]:
             os.remove(tmp)
-            raise UserError(f"{packed} is not the original MNIST file (md5 differs); restore data/MNIST/raw/ "
-                            "from the repository")
+            raise UserError(f"{packed} is not the original MNIST file (md5 differs); {RESTORE}")
         os.replace(tmp, target)
     return root
 

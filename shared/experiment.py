@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from shared import REPO_ROOT, UserError
-from shared.checkpoint import load_checkpoint, provenance, save_checkpoint
+from shared.checkpoint import git_hash, load_checkpoint, provenance, save_checkpoint
 from shared.cli import TrainingDiverged
 from shared.data import TensorImages, batches_from, make_loader
 from shared.images import plot_curves, read_metrics, save_grid
@@ -96,7 +96,10 @@ class Run:
         self.stage, self.cfg = stage, cfg
         self.dist = ddp_setup(cfg.device)
         self.device = choose_device(cfg.device)
-        seed_everything(cfg.seed + self.dist.rank)
+        # Every rank builds the same initial weights (and EMA copies) from one seed; restore() gives each rank
+        # its own noise once the models exist.
+        seed_everything(cfg.seed)
+        self.git_hash = git_hash()  # the code this run started with, not whatever the tree holds at each save
         self.resume_from = resolve_resume(stage, cfg.run_name, cfg.resume)
         if self.resume_from is not None:
             self.dir = self.resume_from.parent
@@ -151,7 +154,7 @@ class Run:
             print0(f"{self.stage}: {how} at step {self.step}; outputs in {self.dir}")
             if self.stop_reason:
                 print0(f"continue with: python train.py --resume {self.ckpt_path}")
-        ddp_teardown()
+        ddp_teardown(barrier=exc_type is None)
         return False
 
     def _on_signal(self, signum, frame):
@@ -164,6 +167,8 @@ class Run:
     def restore(self, **objects) -> int:
         """Load model/optimizer/EMA/... state and the RNG from ``--resume``; return the step reached."""
         if self.resume_from is None:
+            if self.dist.enabled:  # the models are built (identically): from here on each rank its own noise
+                seed_everything(self.cfg.seed + self.dist.rank)
             return 0
         ckpt = load_checkpoint(self.resume_from, self.stage)
         for name, obj in objects.items():
@@ -250,14 +255,21 @@ class Run:
             self.flush(step)
 
     def flush(self, step: int, **extra) -> dict:
-        """Write the averaged scalars now (plus ``extra`` values such as an evaluation score)."""
-        row = {k: float(v) / self._counts[k] for k, v in self._sums.items()}
+        """Write the averaged scalars now (plus ``extra`` values such as an evaluation score). Under torchrun the
+        average is over every rank's steps, so the row describes the whole batch and every rank reaches the same
+        verdict on a non-finite value."""
+        keys = list(self._sums)
+        sums, counts = [float(self._sums[k]) for k in keys], [float(self._counts[k]) for k in keys]
+        if self.dist.enabled and keys:  # every rank logs the same keys at the same steps
+            both = torch.tensor(sums + counts, dtype=torch.float64, device=self.device)
+            dist.all_reduce(both)
+            sums, counts = both[:len(keys)].tolist(), both[len(keys):].tolist()
+        row = {k: s / c for k, s, c in zip(keys, sums, counts)}
         row.update({k: float(v) for k, v in extra.items()})
         self._sums, self._counts = {}, {}
         bad = [k for k, v in row.items() if not math.isfinite(v)]
         if bad:
-            kept = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "no checkpoint yet"
-            raise TrainingDiverged(f"{bad[0]} = {row[bad[0]]} at step {step}; {kept}")
+            raise TrainingDiverged(f"{bad[0]} = {row[bad[0]]} at step {step}; {self._last_good()}")
         if row and self.is_main:
             if self._bar is not None:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(row.items())[:4]}, refresh=False)
@@ -266,16 +278,23 @@ class Run:
                 f.write(json.dumps(row) + "\n")
         return row
 
+    def _last_good(self) -> str:
+        return f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "no checkpoint yet"
+
     # ---------------------------------------------------------------------------------------------------
     def save_checkpoint(self, **objects) -> Path:
         """Atomically write the state of ``objects`` (name -> module/optimizer/...), the RNG and provenance."""
         self.flush(self.step)  # never save weights that a NaN has already reached
+        for name, obj in objects.items():  # a finite loss can still be followed by a step that made NaN weights
+            if isinstance(obj, torch.nn.Module) and not all(
+                    torch.isfinite(t).all() for t in _unwrap(obj).state_dict().values() if t.is_floating_point()):
+                raise TrainingDiverged(f"{name} has non-finite weights at step {self.step}; {self._last_good()}")
         states = [rng_state()]
         if self.dist.enabled:  # every rank's RNG, so that a resumed multi-process run continues exactly
             states = [None] * self.dist.world_size
             dist.all_gather_object(states, rng_state())
         if self.is_main:
-            payload = provenance(self.stage, dataclasses.asdict(self.cfg), self.cfg.seed, self.step)
+            payload = provenance(self.stage, dataclasses.asdict(self.cfg), self.cfg.seed, self.step, self.git_hash)
             payload["world_size"] = self.dist.world_size
             payload.update({name: _unwrap(obj).state_dict() for name, obj in objects.items()})
             payload["rng"] = states[0]

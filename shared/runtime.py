@@ -80,9 +80,12 @@ def ddp_setup(device: str = "auto") -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def ddp_teardown() -> None:
+def ddp_teardown(barrier: bool = True) -> None:
+    """Leave the process group; ``barrier=False`` after an error, when the other ranks may be waiting in a
+    different collective and a barrier would hang until the timeout instead of letting torchrun stop the job."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -108,8 +111,8 @@ def rng_state() -> dict:
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's own GPU (one per rank under torchrun), so that a checkpoint
+        state["cuda"] = torch.cuda.get_rng_state()  # resumes on a machine with fewer visible GPUs
     return state
 
 
@@ -119,5 +122,9 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # older checkpoints held every visible GPU's state
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)

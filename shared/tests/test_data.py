@@ -79,3 +79,17 @@ def test_a_corrupt_mnist_file_is_refused(tmp_path):
     with pytest.raises(UserError, match="not the original MNIST file"):
         data.prepare_mnist(tmp_path)
     assert not list(raw.glob("*.tmp"))
+
+
+def test_a_truncated_mnist_archive_or_a_damaged_unpacked_file_is_one_clear_error(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    name = next(iter(MNIST_FILES))
+    packed = (data.DATA_ROOT / "MNIST" / "raw" / f"{name}.gz").read_bytes()
+    (raw / f"{name}.gz").write_bytes(packed[: len(packed) // 2])  # a download or copy cut short
+    with pytest.raises(UserError, match=f"could not unpack .*{name}.gz \\(EOFError"):
+        data.prepare_mnist(tmp_path)
+    assert not list(raw.glob("*.tmp"))
+    (raw / name).write_bytes(b"\0" * 100)  # an unpacked file that was cut or edited afterwards
+    with pytest.raises(UserError, match=f"{name} has 100 bytes, not MNIST's 47040016"):
+        data.prepare_mnist(tmp_path)

@@ -120,6 +120,64 @@ def test_scalars_logged_now_and_then_are_averaged_over_their_own_steps(smoke, tm
     assert row["loss"] == 2.5 and row["rare"] == 10.0
 
 
+def test_non_finite_weights_are_never_saved(smoke, tmp_path):
+    """A finite loss can precede a step that made the weights NaN: the checkpoint keeps the last good ones."""
+    from shared.experiment import Run
+
+    model = torch.nn.Linear(2, 2)
+    with Run("00_toy", dataclasses.replace(smoke, run_name="nanw")) as run:
+        run.step = 3
+        run.save_checkpoint(model=model)
+        with torch.no_grad():
+            model.weight[0, 0] = float("inf")
+        run.step = 4
+        with pytest.raises(TrainingDiverged, match="model has non-finite weights at step 4; the last good"):
+            run.save_checkpoint(model=model)
+    assert torch.load(tmp_path / "00_toy/nanw/ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_checkpoints_carry_the_git_hash_of_the_runs_start(smoke, tmp_path, monkeypatch):
+    import shared.checkpoint
+    from shared.experiment import Run
+
+    with Run("00_toy", dataclasses.replace(smoke, run_name="git")) as run:
+        monkeypatch.setattr(shared.checkpoint, "git_hash", lambda: "edited-since")  # the tree changes mid-run
+        run.save_checkpoint(model=torch.nn.Linear(1, 1))
+    saved = torch.load(tmp_path / "00_toy/git/ckpt.pt", weights_only=True)["git_hash"]
+    assert saved == run.git_hash and saved != "edited-since"
+
+
+def _log_on_rank(rank: int, store: str, experiments: str, out: str):
+    import os
+
+    from shared.experiment import Run
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), SCRATCHGEN_EXPERIMENTS=experiments)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    cfg = config_from_preset(toy_train.TrainConfig, toy_train.PRESETS, "smoke", device="cpu", run_name="ddp")
+    seen = {}
+    with Run("00_toy", cfg) as run:
+        seen["init"] = torch.randn(3)  # what building the models draws: the same on every rank
+        run.restore()
+        seen["noise"] = torch.randn(3)  # the training noise after restore: each rank its own
+        run.log(1, loss=float(rank))  # log_every = 1: a row now, averaged over both ranks
+        try:
+            run.log(2, loss=float("nan") if rank == 1 else 0.0)  # one rank's NaN stops both
+        except TrainingDiverged as err:
+            seen["diverged"] = str(err)
+    torch.save(seen, f"{out}.{rank}")
+
+
+def test_under_ddp_rows_average_all_ranks_and_models_start_equal(tmp_path):
+    torch.multiprocessing.spawn(_log_on_rank, args=(str(tmp_path / "store"), str(tmp_path), str(tmp_path / "seen")),
+                                nprocs=2)
+    seen = [torch.load(tmp_path / f"seen.{r}", weights_only=True) for r in (0, 1)]
+    assert torch.equal(seen[0]["init"], seen[1]["init"]) and not torch.equal(seen[0]["noise"], seen[1]["noise"])
+    rows = [json.loads(line) for line in (tmp_path / "00_toy/ddp/metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[0]["loss"] == 0.5  # the mean of rank 0's 0 and rank 1's 1
+    assert all("loss = nan at step 2" in s["diverged"] for s in seen)
+
+
 def test_channels_last_reorders_conv_weights_in_place_and_computes_the_same(smoke):
     from shared.experiment import Run
 
