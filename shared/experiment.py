@@ -125,6 +125,7 @@ class Run:
         self.is_main = self.dist.is_main
         self.step = 0
         self.stop_reason = ""
+        self._signalled = False  # a signal came: the next one aborts (an automatic stop does not count)
         self._sums: dict[str, float | torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._t0 = time.monotonic()
@@ -158,9 +159,10 @@ class Run:
         return False
 
     def _on_signal(self, signum, frame):
-        if self.stop_reason:  # a second Ctrl-C aborts at once
+        if self._signalled:  # a second Ctrl-C aborts at once
             raise KeyboardInterrupt
-        self.stop_reason = signal.Signals(signum).name
+        self._signalled = True
+        self.stop_reason = self.stop_reason or signal.Signals(signum).name
         print0(f"\n{self.stop_reason}: finishing step, saving a checkpoint and samples (again to abort)")
 
     # ---------------------------------------------------------------------------------------------------
@@ -220,6 +222,9 @@ class Run:
         self._bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                          disable=not self.is_main, mininterval=0.5)
         self._t0 = time.monotonic()
+        if cfg.stop_at and self.step >= cfg.stop_at:  # resumed at or past --stop-at: not one step more
+            self.stop_reason = f"--stop-at {cfg.stop_at}"
+            return
         for step in range(self.step + 1, cfg.steps + 1):
             self.step = step
             yield step
