@@ -72,17 +72,20 @@ def plot_latent_codes(model: VAE, x: torch.Tensor, labels: torch.Tensor, path: P
 
 def lower_bound_curve(run: Path) -> dict:
     """One run's Fig. 2 data: training images seen at each test evaluation, the test ELBO there, and the mean
-    training ELBO (one z per image, as logged) over the steps since the previous evaluation."""
+    training ELBO (one z per image, as logged) over the steps since the previous evaluation. Images seen count
+    every process of a torchrun run: step x batch size x the world size its checkpoint records."""
     if not (run / "config.json").is_file() or not (run / "metrics.jsonl").is_file():
         raise UserError(f"{run} is not a run folder of train.py (no config.json / metrics.jsonl)")
     cfg = json.loads((run / "config.json").read_text())
     rows = read_metrics(run / "metrics.jsonl")
+    ckpt = run / "ckpt.pt"
+    world = torch.load(ckpt, map_location="cpu", weights_only=True).get("world_size", 1) if ckpt.is_file() else 1
     seen, test, train, window = [], [], [], []
     for row in rows:
         if "elbo" in row:
             window.append(row["elbo"])
         if "test_elbo" in row and window:
-            seen.append(row["step"] * cfg["batch_size"])
+            seen.append(row["step"] * cfg["batch_size"] * world)
             test.append(row["test_elbo"])
             train.append(sum(window) / len(window))
             window = []

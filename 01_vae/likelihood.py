@@ -28,27 +28,39 @@ from shared.runtime import DEVICES, choose_device
 
 
 @torch.no_grad()
-def active_units(model, x: torch.Tensor, batch_size: int = 1000, threshold: float = 1e-2) -> int:
-    """How many latent dimensions the model uses: u is active when A_u = Var_x(E_q[z_u | x]) > 0.01 over the
-    test images (Burda et al. 2015, §5.2). An inactive dimension's posterior mean ignores x: the KL term of (3)
-    has pressed its q(z_u|x) onto the prior, and the decoder has learned to ignore it."""
+def posterior_mean_variance(model, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """A_u = Var_x(E_q[z_u | x]) over the images x, one number per latent dimension (Burda et al. 2015, §5.2):
+    how much dimension u's posterior mean moves with the image. (N_z,) in float64."""
     mu = torch.cat([model.encode(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])  # (N, N_z)
-    return int((mu.double().var(dim=0) > threshold).sum())
+    return mu.double().var(dim=0)
+
+
+def active_units(model, x: torch.Tensor, batch_size: int = 1000, threshold: float = 1e-2) -> int:
+    """How many latent dimensions the model uses: u is active when A_u > 0.01 over the test images (Burda et
+    al.'s threshold). An inactive dimension's posterior mean ignores x: its q(z_u|x) sits on the prior (pressed
+    there by the KL term of (3), or for wake-sleep by the sleep phase, whose dreams have p(z_u|x) = p(z_u) for
+    a dimension the decoder ignores), and the decoder has learned to ignore it."""
+    return int((posterior_mean_variance(model, x, batch_size) > threshold).sum())
+
+
+AU_THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1)  # how sharp the line between used and unused dimensions is
 
 
 @torch.no_grad()
 def measure(model, x: torch.Tensor, k: int, batch_size: int, elbo_samples: int = 10) -> dict:
     """Per-datapoint test ELBO (averaged over ``elbo_samples`` draws of z) and IS log p(x), means and std errors;
-    and the active units of :func:`active_units`."""
+    and the active units of :func:`active_units`, also at other thresholds than Burda et al.'s 0.01."""
     elbos, log_px = [], []
     for start in tqdm(range(0, len(x), batch_size), desc=f"log p(x), k={k}", mininterval=2):
         xb = x[start:start + batch_size]
         elbos.append(torch.stack([elbo(model, xb)["elbo"] for _ in range(elbo_samples)]).mean(0))
         log_px.append(importance_sampled_log_px(model, xb, k))
     elbos, log_px = torch.cat(elbos).double(), torch.cat(log_px).double()
+    a_u = posterior_mean_variance(model, x)  # (N_z,)
     se = lambda v: float(v.std() / math.sqrt(len(v)))  # noqa: E731
     return {"num_test": len(x), "k": k, "test_elbo": float(elbos.mean()), "test_elbo_se": se(elbos),
             "test_nll": float(-log_px.mean()), "test_nll_se": se(log_px), "active_units": active_units(model, x),
+            "active_units_by_threshold": {str(t): int((a_u > t).sum()) for t in AU_THRESHOLDS},
             "z_dim": model.cfg.z_dim}
 
 

@@ -81,6 +81,9 @@ def test_elbo(model: VAE, x_test: torch.Tensor, batch: int = 1000) -> float:
 def main(cfg: TrainConfig):
     if cfg.method == "wake-sleep" and cfg.beta != 1.0:
         raise UserError("--beta weights the KL term of the ELBO, which wake-sleep does not train on")
+    if cfg.init_std > 0 and cfg.model == "conv":
+        raise UserError("--init-std redraws every parameter, undoing the conv VAE's zero-initialized residual "
+                        "blocks; use it with an MLP model")
     with Run(STAGE, cfg) as run:
         if cfg.method == "wake-sleep" and run.dist.enabled:  # it calls encode/decode, which DDP does not sync
             raise UserError("--method wake-sleep trains on one process; run it without torchrun")

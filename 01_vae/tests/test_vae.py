@@ -166,10 +166,13 @@ class MeansWithKnownSpread(torch.nn.Module):
 
 
 def test_active_units_count_the_dimensions_whose_posterior_mean_moves_with_x():
-    from likelihood import active_units
+    from likelihood import active_units, posterior_mean_variance
 
     x = (torch.arange(2000) % 2).float().view(-1, 1, 1, 1).expand(-1, 1, 28, 28)  # half all-ones images
+    a_u = posterior_mean_variance(MeansWithKnownSpread(), x, batch_size=300)
+    torch.testing.assert_close(a_u, torch.tensor([1.0, 0.02, 0.005, 0.0], dtype=torch.float64) * 2000 / 1999)
     assert active_units(MeansWithKnownSpread(), x, batch_size=300) == 2       # variance 1 and 0.02 > 0.01
+    assert active_units(MeansWithKnownSpread(), x, batch_size=300, threshold=0.004) == 3
 
 
 # ------------------------------------------------------------------------------- the wake-sleep baseline
@@ -301,6 +304,8 @@ def test_lower_bound_curve_bins_training_elbo_between_evaluations(tmp_path):
     assert json.loads(numbers.read_text()) == {str(tmp_path): curve, str(ws): {**curve, "method": "wake-sleep"}}
     with pytest.raises(UserError, match="not a run folder"):
         figures.lower_bound_curve(tmp_path / "pics")
+    torch.save({"world_size": 2}, ws / "ckpt.pt")  # a 2-process torchrun run sees twice the images per step
+    assert figures.lower_bound_curve(ws)["seen"] == [4000, 6000]
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +358,8 @@ def test_train_cli_error_exits_2_with_one_line_as_a_user_sees_it(tmp_path):
 
 @pytest.mark.parametrize("args", [["--z-dim", "-3"], ["--model", "nope"], ["--dataset", "imagenet"],
                                   ["--resume", "/no/such/ckpt.pt"], ["--beta", "-1"],
-                                  ["--method", "wake-sleep", "--beta", "0.5"], ["--method", "sleep"]])
+                                  ["--method", "wake-sleep", "--beta", "0.5"], ["--method", "sleep"],
+                                  ["--model", "conv", "--init-std", "0.01"]])
 def test_train_cli_errors_exit_2_with_one_line(args, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     run = lambda: train.main(parse_config(train.TrainConfig, train.PRESETS, train.STAGE, ["--preset", "smoke", *args]))  # noqa: E731,E501
