@@ -93,11 +93,14 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
     """``(features (N, 128), logits (N, 10))`` on the CPU for uint8 images ``(N, 1, 28, 28)``, in batches."""
     device = next(model.parameters()).device
     feats, logits = [], []
-    for i in range(0, len(images), batch_size):
-        x = to_unit(images[i:i + batch_size]).to(device)
-        f = model.features(x)
-        feats.append(f.float().cpu())
-        logits.append(model.head(f).float().cpu())
+    # Full float32 convolutions on CUDA too (cuDNN would use TF32), as the cached reference statistics were
+    # computed on the CPU: FID compares features from both.
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        for i in range(0, len(images), batch_size):
+            x = to_unit(images[i:i + batch_size]).to(device)
+            f = model.features(x)
+            feats.append(f.float().cpu())
+            logits.append(model.head(f).float().cpu())
     return torch.cat(feats), torch.cat(logits)
 
 
