@@ -55,6 +55,10 @@ def make_diffusion(cfg) -> Diffusion:
     """The forward process a config describes (also what sample.py rebuilds from a checkpoint's config)."""
     if not 0 < cfg["beta_1"] <= cfg["beta_T"] < 1:
         raise UserError(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg['beta_1']} and {cfg['beta_T']}")
+    defaults = TrainConfig.__dataclass_fields__
+    if cfg["schedule"] == "cosine" and (cfg["beta_1"], cfg["beta_T"]) != (defaults["beta_1"].default,
+                                                                          defaults["beta_T"].default):
+        raise UserError("--beta-1 and --beta-T set the ends of the linear schedule; --schedule cosine has none")
     return Diffusion(cfg["timesteps"], cfg["schedule"], cfg["beta_1"], cfg["beta_T"])
 
 

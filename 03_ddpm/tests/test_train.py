@@ -82,6 +82,7 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
                                                             [*a]))
     assert "--steps" in _exit_line(capsys, train_argv("--steps", "-1"))
     assert "--beta-1" in _exit_line(capsys, train_argv("--beta-1", "0.5", "--beta-T", "0.1"))
+    assert "cosine has none" in _exit_line(capsys, train_argv("--schedule", "cosine", "--beta-T", "0.01"))
     for flag in ("--dropout", "--ema-decay", "--beta-T"):  # bounded by 1 in the dataclass
         assert f"{flag} must be at most 1" in _exit_line(capsys, train_argv(flag, "1.5"))
     assert "--dropout" in _exit_line(capsys, train_argv("--dropout", "-0.1"))
