@@ -18,6 +18,7 @@ from sample import load_model, sample_prior
 from train import binarized_test_set
 
 from shared import UserError
+from shared.checkpoint import load_checkpoint
 from shared.cli import check_seed, one_line_error, run_entry
 from shared.data import DATASETS
 from shared.images import read_metrics, save_grid
@@ -79,7 +80,7 @@ def lower_bound_curve(run: Path) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     rows = read_metrics(run / "metrics.jsonl")
     ckpt = run / "ckpt.pt"
-    world = torch.load(ckpt, map_location="cpu", weights_only=True).get("world_size", 1) if ckpt.is_file() else 1
+    world = load_checkpoint(ckpt).get("world_size", 1) if ckpt.is_file() else 1
     seen, test, train, window = [], [], [], []
     for row in rows:
         if "elbo" in row:

@@ -56,10 +56,10 @@ def measure(model, x: torch.Tensor, k: int, batch_size: int, elbo_samples: int =
         elbos.append(torch.stack([elbo(model, xb)["elbo"] for _ in range(elbo_samples)]).mean(0))
         log_px.append(importance_sampled_log_px(model, xb, k))
     elbos, log_px = torch.cat(elbos).double(), torch.cat(log_px).double()
-    a_u = posterior_mean_variance(model, x)  # (N_z,)
+    a_u = posterior_mean_variance(model, x)  # (N_z,): one encoder pass for every threshold
     se = lambda v: float(v.std() / math.sqrt(len(v)))  # noqa: E731
     return {"num_test": len(x), "k": k, "test_elbo": float(elbos.mean()), "test_elbo_se": se(elbos),
-            "test_nll": float(-log_px.mean()), "test_nll_se": se(log_px), "active_units": active_units(model, x),
+            "test_nll": float(-log_px.mean()), "test_nll_se": se(log_px), "active_units": int((a_u > 1e-2).sum()),
             "active_units_by_threshold": {str(t): int((a_u > t).sum()) for t in AU_THRESHOLDS},
             "z_dim": model.cfg.z_dim}
 

@@ -46,6 +46,17 @@ def machine(device: str) -> str:
 STAGE_TRAIN_FLAGS = {"05_multimodal": ["--clip-steps", "5"]}
 
 
+def first_row_per_step(metrics: Path) -> list[dict]:
+    """The timestamped rows of a run's metrics.jsonl, one per step: a stage may log a second row at the same step
+    after an evaluation (01_vae's test ELBO at the end, 02_gan's gradient norms), whose time includes that work."""
+    first = {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "time" in row:
+            first.setdefault(row["step"], row)
+    return [first[step] for step in sorted(first)]
+
+
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -58,22 +69,14 @@ def bench_stage(stage: str, args, tmp: Path) -> dict:
     name = f"bench-{args.device}{'-amp' if args.amp else ''}{'-compile' if args.compile else ''}" \
         f"{'-cl' if args.channels_last else ''}"
     flags = ["--preset", args.preset, "--steps", str(args.steps), "--log-every", str(args.log_every),
-             "--sample-every", "0",
-             "--ckpt-every", "0", "--device", args.device, "--run-name", name]
+             "--sample-every", "0", "--ckpt-every", "0", "--device", args.device, "--run-name", name]
     flags += STAGE_TRAIN_FLAGS.get(stage, [])
     flags += ["--amp"] if args.amp else []
     flags += ["--compile"] if args.compile else []
     flags += ["--channels-last"] if args.channels_last else []
     run([sys.executable, "train.py", *flags], cwd, env)
     run_dir = tmp / stage / name
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    # The first row of each step: a stage may log a second row at the same step after an evaluation (01_vae's
-    # test ELBO at the end, 02_gan's gradient norms), whose time includes that work.
-    first = {}
-    for r in rows:
-        if "time" in r:
-            first.setdefault(r["step"], r)
-    rows = [r for step, r in sorted(first.items()) if step >= args.warmup]
+    rows = [r for r in first_row_per_step(run_dir / "metrics.jsonl") if r["step"] >= args.warmup]
     batch = json.loads((run_dir / "config.json").read_text())["batch_size"]
     steps_per_s = (rows[-1]["step"] - rows[0]["step"]) / max(rows[-1]["time"] - rows[0]["time"], 1e-9)
     result = {"stage": stage, "device": args.device, "amp": args.amp, "compile": args.compile,

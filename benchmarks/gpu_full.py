@@ -22,6 +22,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from bench import first_row_per_step  # this folder is on sys.path when a script here runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each stage's evaluation as its README gives it; {ckpt}, {n}, {dev} and {json} are filled in per run.
@@ -56,12 +58,7 @@ def run(cmd: list[str], cwd: Path, log) -> float:
 def images_per_second(metrics: Path, batch_size: int) -> float | None:
     """Training throughput from the logged timestamps, the first logged interval (start-up) left out; the
     periodic checkpoints and sample grids are counted in, an evaluation logged after the last step is not."""
-    first = {}  # the first row of each step: a later one at the same step was written after an evaluation
-    for line in metrics.read_text().splitlines():
-        if '"time"' in line:
-            row = json.loads(line)
-            first.setdefault(row["step"], row)
-    rows = [first[step] for step in sorted(first)]
+    rows = first_row_per_step(metrics)
     if len(rows) < 3:
         return None
     (s0, t0), (s1, t1) = (rows[1]["step"], rows[1]["time"]), (rows[-1]["step"], rows[-1]["time"])
