@@ -310,8 +310,6 @@ def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
 
 
-
-
 def test_dataclass_defaults_are_the_default_preset():
     defaults = TrainConfig()
     assert all(getattr(defaults, key) == value for key, value in PRESETS["default"].items())
@@ -326,3 +324,12 @@ def test_paper_sgd_schedule():
     lr, momentum = paper_sgd_schedule(250 * per_epoch, cfg, per_epoch)
     assert momentum == pytest.approx(0.7) and lr == pytest.approx(0.1 / 1.000004 ** (250 * per_epoch))
     assert paper_sgd_schedule(10**8, cfg, per_epoch)[0] == 1e-6  # the floor
+
+
+def test_dcgan_full_preset_is_radfords_recipe_at_the_paper_width():
+    """Issue: the DCGAN headline run is Adam(2e-4, beta1 0.5) on Radford et al.'s w = 64 pair (README section 4)."""
+    cfg = parse_config(TrainConfig, PRESETS, STAGE, ["--preset", "dcgan-full"])
+    assert (cfg.arch, cfg.optimizer, cfg.lr, cfg.beta1) == ("dcgan", "adam", 2e-4, 0.5)
+    assert (cfg.steps, cfg.batch_size, cfg.loss, cfg.k) == (30_000, 128, "nonsaturating", 1)
+    G, D = build_gan(model_config(cfg.arch, cfg.size))
+    assert [sum(p.numel() for p in net.parameters()) for net in (G, D)] == [1_781_505, 138_689]
