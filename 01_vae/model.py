@@ -123,10 +123,12 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)  # (B, 1, 28, 28) logits of p_theta(x|z)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x -> (logits of p(x|z), mu, logvar) with one z = mu + sigma * eps per datapoint."""
-        mu, logvar = self.encode(x)
-        return self.decode(reparameterize(mu, logvar)), mu, logvar
+    def forward(self, x: torch.Tensor, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x -> (logits of p(x|z), mu, logvar) with ``samples`` draws z = mu + sigma * eps per datapoint; the
+        logits are (samples * B, 1, 28, 28), draw-major: rows l*B .. l*B + B - 1 are draw l of the whole batch."""
+        mu, logvar = self.encode(x)                                               # (B, N_z) each
+        eps = torch.randn(samples, *mu.shape, device=mu.device, dtype=mu.dtype)  # (L, B, N_z)
+        return self.decode(reparameterize(mu, logvar, eps).flatten(0, 1)), mu, logvar
 
 
 def num_params(model: nn.Module) -> int:
@@ -177,13 +179,15 @@ def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(dim=1)  # Eq. (C.1)
 
 
-def elbo(model: VAE, x: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
-    """The SGVB estimator L~B with one sample per datapoint, per datapoint: (B,) tensors (Eq. 7, Eq. 10).
+def elbo(model: VAE, x: torch.Tensor, beta: float = 1.0, samples: int = 1) -> dict[str, torch.Tensor]:
+    """The SGVB estimator L~B with L = ``samples`` draws of z per datapoint, per datapoint: (B,) tensors (Eq. 7,
+    Eq. 10). The paper uses L = 1 "as long as the minibatch size M was large enough, e.g. M = 100" (§2.3).
 
     ``beta`` weights the KL term (beta-VAE, Higgins et al. 2017): NOT IN THE PAPER, which is beta = 1.
     """
-    logits, mu, logvar = model(x)                    # z = mu + sigma * eps inside, Eq. (4); (B, 1, 28, 28)
-    rec = bernoulli_log_likelihood(x, logits)        # (B,) one-sample estimate of E_q[log p(x|z)]
+    logits, mu, logvar = model(x, samples)           # z = mu + sigma * eps inside, Eq. (4); (L*B, 1, 28, 28)
+    x_rep = x.expand(samples, *x.shape).flatten(0, 1)                     # (L*B, 1, 28, 28)
+    rec = bernoulli_log_likelihood(x_rep, logits).view(samples, -1).mean(0)  # (B,) (1/L) sum_l log p(x|z_l), Eq. (7)
     kl = gaussian_kl(mu, logvar)                     # (B,) analytic, Appendix B
     return {"elbo": rec - kl, "objective": rec - beta * kl, "rec": rec, "kl": kl}  # Eq. (7)
 

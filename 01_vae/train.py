@@ -52,6 +52,8 @@ class TrainConfig(CommonConfig):
                               "image (the paper preset)", min=0.0)
     init_std: float = arg(0.0, "draw every parameter from N(0, init_std^2), the paper's 0.01 (0: PyTorch's "
                           "default init)", min=0.0)
+    latent_samples: int = arg(1, "L, draws of z per datapoint in the SGVB estimator (Eq. 7); the paper's 1",
+                              min=1)
     method: str = arg("aevb", "aevb (the paper's SGVB estimator), or wake-sleep, its baseline in Fig. 2 (Hinton et "
                       "al. 1995; one process only)", ("aevb", "wake-sleep"))
 
@@ -81,6 +83,8 @@ def test_elbo(model: VAE, x_test: torch.Tensor, batch: int = 1000) -> float:
 def main(cfg: TrainConfig):
     if cfg.method == "wake-sleep" and cfg.beta != 1.0:
         raise UserError("--beta weights the KL term of the ELBO, which wake-sleep does not train on")
+    if cfg.method == "wake-sleep" and cfg.latent_samples != 1:
+        raise UserError("--latent-samples sets L of the SGVB estimator, which wake-sleep does not train on")
     if cfg.init_std > 0 and cfg.model == "conv":
         raise UserError("--init-std redraws every parameter, undoing the conv VAE's zero-initialized residual "
                         "blocks; use it with an MLP model")
@@ -114,7 +118,7 @@ def main(cfg: TrainConfig):
             x = binarize(x).to(run.device)           # (B, 1, 28, 28) in {0, 1}: a fresh draw every batch
             with autocast(run.device, cfg.amp):      # bf16 on CUDA with --amp; a no-op on CPU
                 if cfg.method == "aevb":
-                    terms = elbo(net, x, cfg.beta)     # SGVB estimator, Eq. (7) with L = 1
+                    terms = elbo(net, x, cfg.beta, cfg.latent_samples)  # SGVB estimator, Eq. (7)
                     loss = -terms["objective"].mean()  # maximize the ELBO per datapoint, Eq. (8)
                 else:                                  # the baseline: each phase maximizes its own log-likelihood
                     terms = wake_sleep(net, x)

@@ -105,6 +105,28 @@ def test_importance_sampling_with_k1_is_the_elbo_in_expectation_and_grows_with_k
     assert (is1.mean(0) + 0.5 < is10.mean(0)).all() and (is10.mean(0) < is100.mean(0)).all()
 
 
+def test_sgvb_with_l_draws_averages_l_one_draw_terms_and_divides_the_variance_by_l():
+    """Eq. (7): L~B = (1/L) sum_l log p(x|z_l) - KL; each draw's term is the L = 1 estimator's, so the mean is the
+    same and, the KL being analytic, the variance is the one-draw variance over L."""
+    model, x = tiny_vae(), tiny_batch()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        three = elbo(model, x, samples=3)
+        torch.manual_seed(3)  # the same eps, drawn as (L, B, N_z), decoded one draw at a time
+        mu, logvar = model.encode(x)
+        eps = torch.randn(3, *mu.shape, dtype=mu.dtype)
+        by_hand = torch.stack([bernoulli_log_likelihood(x, model.decode(reparameterize(mu, logvar, e))) for e in eps])
+        assert torch.allclose(three["rec"], by_hand.mean(0), atol=1e-4)
+        assert torch.allclose(three["elbo"], by_hand.mean(0) - gaussian_kl(mu, logvar), atol=1e-4)
+        torch.manual_seed(4)
+        one = torch.stack([elbo(model, x)["elbo"] for _ in range(3000)])                 # (S, B)
+        eight = torch.stack([elbo(model, x, samples=8)["elbo"] for _ in range(3000)])  # (S, B)
+    se = (one.var(0) / len(one) + eight.var(0) / len(eight)).sqrt()
+    assert ((one.mean(0) - eight.mean(0)).abs() < 4 * se).all()
+    ratio = eight.var(0) / one.var(0)  # 1/8 = 0.125; each variance is estimated to about +-2.6 %
+    assert ((ratio > 0.11) & (ratio < 0.14)).all(), ratio
+
+
 def test_beta_weights_only_the_kl_term():
     model, x = tiny_vae(), tiny_batch()
     torch.manual_seed(0)
@@ -360,7 +382,8 @@ def test_train_cli_error_exits_2_with_one_line_as_a_user_sees_it(tmp_path):
 @pytest.mark.parametrize("args", [["--z-dim", "-3"], ["--model", "nope"], ["--dataset", "imagenet"],
                                   ["--resume", "/no/such/ckpt.pt"], ["--beta", "-1"],
                                   ["--method", "wake-sleep", "--beta", "0.5"], ["--method", "sleep"],
-                                  ["--model", "conv", "--init-std", "0.01"]])
+                                  ["--model", "conv", "--init-std", "0.01"], ["--latent-samples", "0"],
+                                  ["--method", "wake-sleep", "--latent-samples", "2"]])
 def test_train_cli_errors_exit_2_with_one_line(args, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     run = lambda: train.main(parse_config(train.TrainConfig, train.PRESETS, train.STAGE, ["--preset", "smoke", *args]))  # noqa: E731,E501
