@@ -26,27 +26,35 @@ from shared.experiment import experiments_dir, find_checkpoint
 from shared.images import save_grid, save_samples_npz, to_uint8
 
 
-def forward_process(diffusion: Diffusion, x0: torch.Tensor, out: Path) -> None:
-    """One digit under q(x_t | x_0) (Eq. 4) at growing t."""
-    ts = [0, 25, 50, 100, 200, 300, 500, 700, 1000]
-    ts = [min(t, diffusion.T) for t in ts]
+def scaled_timesteps(ts_1000: list[int], T: int) -> list[int]:
+    """The t's a picture shows, given for T = 1000 and scaled by T/1000 for another T (as the schedule's ends are):
+    0 stays 0, every other t lands in 1..T, and t's that meet after rounding are shown once. Same order."""
+    return list(dict.fromkeys(0 if t == 0 else max(1, round(t * T / 1000)) for t in ts_1000))
+
+
+def forward_process(diffusion: Diffusion, x0: torch.Tensor, out: Path) -> torch.Tensor:
+    """One digit under q(x_t | x_0) (Eq. 4) at growing t, one noise draw for all t: the frames, (len(t's), 1, H, W)."""
+    ts = scaled_timesteps([0, 25, 50, 100, 200, 300, 500, 700, 1000], diffusion.T)
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(x0.shape, generator=g)
-    frames = [x0 if t == 0 else diffusion.q_sample(x0, torch.tensor([t]), eps) for t in ts]
-    save_grid(torch.cat(frames), out, nrow=len(ts))
+    frames = torch.cat([x0 if t == 0 else diffusion.q_sample(x0, torch.tensor([t]), eps) for t in ts])
+    save_grid(frames, out, nrow=len(ts))
+    return frames
 
 
-def reverse_process(model, diffusion: Diffusion, out: Path, n: int = 4) -> None:
+def reverse_process(model, diffusion: Diffusion, out: Path, n: int = 4) -> list[int]:
     """Fig. 6 of the paper: x_t (odd rows) and the network's x_hat_0 predicted from that x_t (even rows) along
-    Algorithm 2, from x_T (t = 1000) to the sample x_0 (t = 0, where both rows show x_0)."""
+    Algorithm 2, from x_T (t = T) to the sample x_0 (t = 0, where both rows show x_0). Returns the t's shown:
+    1000, 800, 600, 400, 300, 200, 100, 50, 0 for T = 1000, scaled for another T."""
     trace = []
     diffusion.sample_ddpm(model, (n, 1, 28, 28), generator=torch.Generator().manual_seed(1), trace=trace)
-    show = {1000, 800, 600, 400, 300, 200, 100, 50, 0}
-    picked = [(x, x0) for t, x, x0 in trace if t in show]  # each (n, 1, 28, 28)
+    show = scaled_timesteps([1000, 800, 600, 400, 300, 200, 100, 50, 0], diffusion.T)
+    picked = [(x, x0) for t, x, x0 in trace if t in show]  # each (n, 1, 28, 28), t = T..0 as in show
     rows = []
     for i in range(n):
         rows += [torch.stack([x[i] for x, _ in picked]), torch.stack([x0[i] for _, x0 in picked])]
     save_grid(torch.cat(rows), out, nrow=len(picked))
+    return show
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
@@ -167,9 +175,10 @@ def main(argv=None):
         x0 = to_symmetric(load_images("mnist", train=False)[0][:1])  # (1, 1, 28, 28), a 7
         forward_process(diffusion, x0, assets / "forward.png")
         reverse_process(model, diffusion, assets / "reverse_x0.png")
-        images = generate(model, diffusion, 64, "ddim", 50, 0.0, seed=0)
+        picture_steps = min(50, diffusion.T)  # DDIM steps of the pictures (a checkpoint with T < 50 has only T)
+        images = generate(model, diffusion, 64, "ddim", picture_steps, 0.0, seed=0)
         save_grid(images, assets / "samples.png")
-        interpolation(model, diffusion, assets / "interpolation.png")
+        interpolation(model, diffusion, assets / "interpolation.png", S=picture_steps)
         print(f"pictures -> {assets}")
     runs = [("ddim", S, args.fid_eta) for S in steps] + [("ddpm", diffusion.T, 0.0)] * args.fid_ddpm
     if runs:

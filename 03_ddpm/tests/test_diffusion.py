@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusion import Diffusion, discretized_gaussian_log_likelihood
+from diffusion import Diffusion, cosine_betas, discretized_gaussian_log_likelihood, normal_kl
 from model import build_unet
 
 
@@ -18,6 +18,25 @@ def test_schedule_matches_the_paper(diffusion):
     assert diffusion.alpha_bar[0] == 1 and diffusion.alpha_bar[1000] < 1e-4  # x_T is nearly pure noise
     cos = Diffusion(T=1000, schedule="cosine")
     assert (cos.alpha_bar[1:] < cos.alpha_bar[:-1]).all() and cos.alpha_bar[500] > diffusion.alpha_bar[500]
+
+
+@pytest.mark.parametrize("T", [50, 1000])
+def test_cosine_schedule_is_nichol_dhariwal_eq_17(T):
+    """Nichol & Dhariwal 2021, Eq. (17): alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2), s = 0.008,
+    and beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped at 0.999. The cumulative product of 1 - beta_t is
+    f(t) / f(0) up to the first clipped step."""
+    s = 0.008
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    want = torch.tensor([f(t) / f(0) for t in range(T + 1)], dtype=torch.float64)  # (T+1,), Eq. (17)
+    betas = cosine_betas(T)  # (T,), beta_1..beta_T
+    clipped = (1 - want[1:] / want[:-1]) > 0.999
+    assert clipped[-1] and clipped.sum() <= 2  # f(T) = 0: the last beta is 1 before clipping
+    assert (betas[clipped] == 0.999).all()
+    first = int(clipped.nonzero()[0])  # index of the first clipped beta, i.e. t = first + 1
+    got = torch.cumprod(1 - betas, 0)[:first]  # alpha_bar_1..alpha_bar_first
+    torch.testing.assert_close(got, want[1:first + 1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Diffusion(T=T, schedule="cosine").alpha_bar[:first + 1], want[:first + 1],
+                               rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("T", [50, 100, 250])
@@ -180,6 +199,26 @@ def test_ddim_inversion_then_decoding_reconstructs_x0(diffusion):
         x0_rec = diffusion.sample_ddim(eps_theta, x0.shape, S=S, eta=0.0, clip=False, x_T=x_T)
         errors.append((x0_rec - x0).abs().max().item())
     assert errors[1] < 0.02 and errors[1] < 0.5 * errors[0], errors
+
+
+@pytest.mark.parametrize("mean1, logvar1, mean2, logvar2", [
+    (0.3, math.log(0.5), -0.4, math.log(2.0)), (1.2, math.log(0.02), 1.0, math.log(0.03)),
+    (-0.5, math.log(3.0), 0.5, 0.0), (0.0, math.log(1e-4), 0.01, math.log(2e-4))])
+def test_normal_kl_matches_monte_carlo(mean1, logvar1, mean2, logvar2):
+    """KL(q || p) = E_q[log q(x) - log p(x)], estimated from 200,000 draws of q: the closed form behind the bound's
+    terms (Eq. 5) lies within 4 standard errors of the estimate."""
+    torch.manual_seed(0)
+    q = torch.distributions.Normal(torch.tensor(mean1, dtype=torch.float64), math.exp(0.5 * logvar1))
+    p = torch.distributions.Normal(torch.tensor(mean2, dtype=torch.float64), math.exp(0.5 * logvar2))
+    x = q.sample((200_000,))
+    log_ratio = q.log_prob(x) - p.log_prob(x)  # (200000,)
+    mc, se = log_ratio.mean().item(), (log_ratio.std() / math.sqrt(len(x))).item()
+    f64 = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    m1, m2 = f64(mean1), f64(mean2)
+    kl = normal_kl(m1, f64(logvar1), m2, f64(logvar2)).item()
+    assert se < 0.01 and abs(kl - mc) < 4 * se, (kl, mc, se)
+    assert normal_kl(m1, logvar1, m2, logvar2).item() == pytest.approx(kl, rel=1e-12)  # float logvars, as for L_T
+    assert normal_kl(m1, logvar1, m1, logvar1).item() == 0  # KL(q || q) = 0
 
 
 def test_discretized_decoder_is_a_distribution_over_256_levels():

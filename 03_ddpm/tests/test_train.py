@@ -1,4 +1,4 @@
-"""Learning, exact resume, the command lines and the README's references."""
+"""Learning, exact resume, the command lines, figures.py and the README's references."""
 
 import dataclasses
 import json
@@ -100,6 +100,85 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
     assert "--fid-samples" in _exit_line(capsys, lambda: figures.main(["--fid-samples", "many"]))
     proc = run_script(STAGE_DIR / "sample.py", "--ckpt", str(tmp_path / "missing.pt"), experiments=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+FORWARD_T = [0, 25, 50, 100, 200, 300, 500, 700, 1000]  # the t's of assets/forward.png (README section 6)
+FIG6_T = [1000, 800, 600, 400, 300, 200, 100, 50, 0]  # the t's of assets/reverse_x0.png
+
+
+def test_figure_timesteps_scale_with_T():
+    assert figures.scaled_timesteps(FORWARD_T, 1000) == FORWARD_T  # the committed pictures stay valid
+    assert figures.scaled_timesteps(FIG6_T, 1000) == FIG6_T
+    for T in (2, 10, 50, 100, 250):
+        for ts_1000 in (FORWARD_T, FIG6_T):
+            ts = figures.scaled_timesteps(ts_1000, T)
+            assert 0 in ts and T in ts and all(1 <= t <= T for t in ts if t), (T, ts)  # from x_0 to x_T
+            step = 1 if ts_1000[0] < ts_1000[-1] else -1
+            assert all(step * (b - a) > 0 for a, b in zip(ts, ts[1:])), (T, ts)  # distinct, in the given order
+            assert len(ts) == 9 if T >= 50 else len(ts) >= min(T + 1, 3), (T, ts)
+
+
+def test_forward_process_frames_have_the_marginals_of_eq_4(tmp_path):
+    d = Diffusion(T=50)
+    x0 = torch.full((1, 1, 200, 200), 0.5)  # 40,000 pixels of one grey level: per-frame moments are precise
+    frames = figures.forward_process(d, x0, tmp_path / "forward.png")
+    ts = figures.scaled_timesteps(FORWARD_T, 50)
+    assert frames.shape == (len(ts), 1, 200, 200) and (tmp_path / "forward.png").is_file()
+    assert torch.equal(frames[0], x0[0])
+    ab = d.alpha_bar[ts[1:]].float()
+    torch.testing.assert_close(frames[1:].mean((1, 2, 3)), 0.5 * ab.sqrt(), atol=0.02, rtol=0)
+    torch.testing.assert_close(frames[1:].var((1, 2, 3)), 1 - ab, atol=1e-4, rtol=0.05)
+
+
+def test_reverse_process_shows_fig_6_columns_for_any_T(tmp_path, monkeypatch):
+    """Odd rows x_t, even rows x_hat_0 from that x_t, one column per shown t from x_T to x_0 (Fig. 6)."""
+    d, n = Diffusion(T=20), 2
+    eps_theta = lambda x, t: 0.5 * x  # noqa: E731, any network
+    grids = []
+    monkeypatch.setattr(figures, "save_grid", lambda images, out, nrow: grids.append((images, nrow)))
+    shown = figures.reverse_process(eps_theta, d, tmp_path / "r.png", n=n)
+    assert shown == figures.scaled_timesteps(FIG6_T, 20) and len(shown) == 9
+    trace = []
+    d.sample_ddpm(eps_theta, (n, 1, 28, 28), generator=torch.Generator().manual_seed(1), trace=trace)
+    (grid, nrow), = grids
+    assert nrow == len(shown) and grid.shape == (2 * n * len(shown), 1, 28, 28)
+    rows = grid.view(2 * n, len(shown), 1, 28, 28)
+    for j, t in enumerate(shown):
+        t_trace, x_t, x0_hat = trace[d.T - t]
+        assert t_trace == t
+        for i in range(n):
+            assert torch.equal(rows[2 * i, j], x_t[i]) and torch.equal(rows[2 * i + 1, j], x0_hat[i])
+    assert 0.8 < rows[0::2, 0].std() < 1.2  # the first column is x_T ~ N(0, I)
+
+
+def test_slerp_keeps_the_norm_and_hits_the_endpoints():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 1, 28, 28, generator=g), torch.randn(1, 1, 28, 28, generator=g)
+    b = b * a.norm() / b.norm()
+    torch.testing.assert_close(figures.slerp(a, b, 0.0), a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(figures.slerp(a, b, 1.0), b, atol=1e-5, rtol=0)
+    for w in torch.linspace(0, 1, 9).tolist():
+        assert figures.slerp(a, b, w).norm().item() == pytest.approx(a.norm().item(), rel=1e-4), w
+    assert (a + b).norm() / 2 < 0.8 * a.norm()  # the straight line between them would not keep it
+
+
+def test_figures_main_writes_the_pictures(tmp_path, monkeypatch):
+    """The pictures of a T = 10 checkpoint (T < 50, so DDIM runs on all T steps), into --assets, not assets/."""
+    from PIL import Image
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train.main(config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **{**TINY, "steps": 1, "timesteps": 10},
+                                  run_name="t10"))
+    assets = STAGE_DIR / "assets"
+    before = {p.name: p.stat().st_mtime_ns for p in assets.iterdir()}
+    figures.main(["--ckpt", str(tmp_path / "03_ddpm" / "t10" / "ckpt.pt"), "--assets", str(tmp_path / "figs")])
+    written = {p.name: Image.open(p).size for p in (tmp_path / "figs").iterdir()}
+    side = lambda k: k * (28 + 2) + 2  # noqa: E731, save_grid's 2-pixel padding around 28-pixel images
+    cols = lambda ts: len(figures.scaled_timesteps(ts, 10))  # noqa: E731, 7 and 8 distinct t's for T = 10
+    assert written == {"forward.png": (side(cols(FORWARD_T)), side(1)),
+                       "reverse_x0.png": (side(cols(FIG6_T)), side(8)),  # 4 samples: x_t and x_hat_0 rows
+                       "samples.png": (side(8), side(8)), "interpolation.png": (side(9), side(4))}
+    assert {p.name: p.stat().st_mtime_ns for p in assets.iterdir()} == before  # assets/ untouched
 
 
 def test_fid_table_keeps_each_sampler_and_eta_apart():
