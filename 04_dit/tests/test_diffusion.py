@@ -1,4 +1,7 @@
+import math
+
 import torch
+import torch.nn.functional as F
 from diffusion import (
     ddim_sample,
     ddpm_loss,
@@ -9,6 +12,7 @@ from diffusion import (
     q_sample,
     rf_interpolate,
     rf_loss,
+    sample,
     sample_t,
 )
 from model import DiT, DiTConfig, dit_config
@@ -29,6 +33,21 @@ def test_cfg_scale_one_is_conditional_and_guides_all_channels():
     assert torch.allclose(guided_prediction(model, x, t, y, 3.0, 10, guide=False), cond, atol=1e-6)
 
 
+def test_cfg_is_a_line_in_the_scale_through_both_predictions():
+    """Eq. (6) is affine in s: s = 0 gives the unconditional, s = 1 the conditional prediction. guided_prediction
+    answers s = 1 by a shortcut (one unguided forward), so s = 1 is checked on the batched line itself, as the
+    midpoint of s = 0.5 and s = 1.5."""
+    model = randomize(DiT(DiTConfig(in_channels=2, hidden_size=32, depth=1, num_heads=2)), seed=1).eval()
+    torch.manual_seed(1)
+    x, t, y = torch.randn(3, 2, 28, 28), torch.tensor([20.0, 500.0, 990.0]), torch.tensor([0, 3, 9])
+    cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
+    assert not torch.allclose(cond, uncond, atol=1e-3)  # the line is not a point
+    g = {s: guided_prediction(model, x, t, y, s, 10) for s in (0.0, 0.5, 1.5, 2.5)}
+    assert torch.allclose(g[0.0], uncond, atol=1e-5)
+    assert torch.allclose((g[0.5] + g[1.5]) / 2, cond, atol=1e-5)  # s = 1 on the line is the conditional output
+    assert torch.allclose(g[2.5] - g[1.5], g[1.5] - g[0.5], atol=1e-5)  # equal steps in s, equal steps out
+
+
 def test_q_sample_matches_closed_form_moments():
     alpha_bar = linear_alpha_bar()
     assert abs(alpha_bar[0] - (1 - 1e-4)) < 1e-12 and 0 < alpha_bar[-1] < 1e-4
@@ -38,6 +57,54 @@ def test_q_sample_matches_closed_form_moments():
     xt = q_sample(x0, t, torch.randn_like(x0), alpha_bar)
     ab = float(alpha_bar[300])
     assert abs(xt.mean() - ab ** 0.5 * 0.7) < 0.02 and abs(xt.var() - (1 - ab)) < 0.02
+
+
+def test_ddpm_step_draws_from_the_true_posterior_of_the_respaced_chain():
+    """eta = 1 (Eq. 4-5): each step from t to the next grid time s draws x_s ~ q(x_s | x_t, x0_hat). Its mean and
+    variance are written out here by conditioning the joint Gaussian of (x_s, x_t) given x_0 (x_s from Eq. 2;
+    x_t = sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) noise), not from Eq. (5). On the full 1000-step chain
+    the variance must be DDPM's beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t with the schedule's own beta_t."""
+    alpha_bar = linear_alpha_bar()
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # Eq. (1)'s schedule, written out again
+
+    def eps_hat(x):  # any eps-prediction will do (clip=False below: x0_hat is used as predicted)
+        return 0.3 * x + 0.1
+
+    times = []
+
+    def model(x, t, y):
+        times.append(int(t[0]))
+        return eps_hat(x)
+
+    y = torch.zeros(2, dtype=torch.long)
+    for steps in (1000, 10, 7):  # adjacent steps, then two respaced grids
+        times.clear()
+        noise, traj = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(steps)), []
+        sample(model, noise, y, "ddpm", "ddpm", steps, 1.0, 10, generator=torch.Generator().manual_seed(1),
+               trajectory=traj, clip=False)
+        assert len(times) == steps and times[0] == 999 and times[-1] == 0
+        replay = torch.Generator().manual_seed(1)  # the sampler's z, drawn again in the same order
+        xs = [noise.double()] + [x.double() for x in traj]
+        for i, t in enumerate(times):
+            ab_t = float(alpha_bar[t])
+            ab_s = float(alpha_bar[times[i + 1]]) if i + 1 < steps else 1.0  # the last step lands on x_0
+            x_t = xs[i]
+            x0 = (x_t - (1 - ab_t) ** 0.5 * eps_hat(x_t)) / ab_t ** 0.5
+            cov = (ab_t / ab_s) ** 0.5 * (1 - ab_s)  # Cov(x_s, x_t | x_0), per coordinate
+            mean = ab_s ** 0.5 * x0 + cov / (1 - ab_t) * (x_t - ab_t ** 0.5 * x0)
+            var = (1 - ab_s) - cov ** 2 / (1 - ab_t)
+            if i + 1 == steps:
+                assert var == 0 and torch.allclose(xs[i + 1], mean, atol=1e-4)
+                continue
+            z = torch.randn(x_t.shape, generator=replay).double()
+            r = xs[i + 1] - mean
+            sigma = float((r * z).sum() / (z * z).sum())  # the noise scale the sampler used (least squares)
+            assert torch.allclose(r, sigma * z, atol=1e-4), (steps, t)  # the mean is the posterior mean
+            assert math.isclose(sigma ** 2, var, rel_tol=1e-3), (steps, t, sigma ** 2, var)
+            if steps == 1000:
+                assert times[i + 1] == t - 1
+                beta_tilde = (1 - ab_s) / (1 - ab_t) * float(betas[t])
+                assert math.isclose(sigma ** 2, beta_tilde, rel_tol=1e-3), (t, sigma ** 2, beta_tilde)
 
 
 def test_rectified_flow_interpolant_and_velocity():
@@ -62,6 +129,44 @@ def test_logit_normal_t():
     u = sample_t(20000, False, "cpu")
     assert abs(u.std() - (1 / 12) ** 0.5) < 0.01  # uniform's std is wider than the logit-normal's
     assert t.std() < u.std() - 0.05
+
+
+def test_rf_loss_terms_match_a_brute_force_per_sample_computation():
+    """Eq. (10) and (11): the MSE over all coordinates and 1 - (mean over samples of the cosine between the whole
+    flattened predicted and true velocities), written out with loops over the numbers."""
+    torch.manual_seed(0)
+    x0, y = torch.randn(5, 2, 4, 4), torch.zeros(5, dtype=torch.long)
+    w = torch.randn(2, 4, 4)
+    seen = {}
+
+    def model(x_t, t, y):
+        seen["v_theta"] = 0.5 * x_t + w
+        return seen["v_theta"]
+
+    torch.manual_seed(1)
+    out = rf_loss(model, x0, y, logit_normal=True, cos_weight=0.7)
+    torch.manual_seed(1)  # replay rf_loss's draws: t, then eps
+    t = sample_t(5, True, "cpu")
+    v = torch.randn_like(x0) - x0  # Eq. (8)
+    assert torch.allclose(seen["v_theta"], 0.5 * rf_interpolate(x0, v + x0, t)[0] + w)  # the same draws
+    sq, cosines = 0.0, []
+    for a, b in zip(seen["v_theta"].flatten(1).tolist(), v.flatten(1).tolist()):  # one sample at a time
+        sq += sum((p - q) ** 2 for p, q in zip(a, b))
+        dot, na, nb = sum(p * q for p, q in zip(a, b)), sum(p * p for p in a), sum(q * q for q in b)
+        cosines.append(dot / math.sqrt(na * nb))
+    mse, cos = sq / x0.numel(), 1 - sum(cosines) / len(cosines)
+    assert math.isclose(out["mse"].item(), mse, rel_tol=1e-5)
+    assert math.isclose(out["cos"].item(), cos, rel_tol=1e-5)
+    assert math.isclose(out["loss"].item(), mse + 0.7 * cos, rel_tol=1e-5)
+    # per sample, over all channels: LightningDiT's per-position cosine across channels is a different number
+    per_position = 1 - F.cosine_similarity(seen["v_theta"], v, dim=1).mean().item()
+    assert abs(per_position - cos) > 1e-2
+    # the direction alone: each sample's v scaled by its own positive factor costs nothing; -v costs 2
+    scales = torch.tensor([0.1, 1.0, 5.0, 20.0, 0.01])[:, None, None, None]
+    for factor, expected in ((scales, 0.0), (-scales, 2.0)):
+        torch.manual_seed(1)
+        out = rf_loss(lambda x_t, t, y, f=factor: f * v, x0, y, logit_normal=True, cos_weight=1.0)
+        assert abs(out["cos"].item() - expected) < 1e-5 and out["mse"] > 0
 
 
 def test_samplers_recover_a_single_data_point_with_the_exact_model():
@@ -98,24 +203,26 @@ def test_heun_is_more_accurate_than_euler_on_a_curved_field():
 
 
 def test_losses_fall_on_a_tiny_batch():
+    """A few hundred steps on 8 images: the objective's MSE, averaged over the first and the last 30 steps, falls by
+    more than half for both objectives (measured: to ~0.27 of its start for DDPM, ~0.43 for the flow)."""
     from shared.data import load_images, to_symmetric
 
     images, labels = load_images("synthetic")
-    x0, y = to_symmetric(images[:16]), labels[:16]
+    x0, y = to_symmetric(images[:8]), labels[:8]
     for objective in ("ddpm", "flow"):
         torch.manual_seed(0)
         model = DiT(dit_config("micro", swiglu=objective == "flow", rope=objective == "flow"))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         alpha_bar = linear_alpha_bar()
         losses = []
-        for _ in range(60):
+        for _ in range(300):
             out = ddpm_loss(model, x0, y, alpha_bar) if objective == "ddpm" else rf_loss(model, x0, y, True, 1.0)
             opt.zero_grad()
             out["loss"].backward()
             opt.step()
             losses.append(out["mse"].item())
-        first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-        assert last < 0.7 * first, (objective, first, last)
+        first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
+        assert last < 0.5 * first, (objective, first, last)
 
 
 def test_guidance_only_inside_the_interval():

@@ -62,6 +62,23 @@ def test_kl_closed_form_matches_monte_carlo():
     assert kl_divergence(torch.zeros(1, 3), torch.zeros(1, 3)).item() == 0.0  # q = p
 
 
+def test_ae_loss_is_per_pixel_mse_plus_beta_times_kl_per_image_over_784():
+    """Eq. (16): L_rec the squared error per pixel; L_KL the closed-form KL (15) summed over the 7x7x4 latent of
+    each image, averaged over images and divided by P = 784 pixels (not by the 196 latent elements)."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    mu, logvar = torch.randn(3, 4, 7, 7), 0.8 * torch.randn(3, 4, 7, 7) - 0.5
+    out = {"x_hat": x + 0.2 * torch.randn_like(x), "mu": mu, "logvar": logvar, "z": mu}
+    losses = ae_losses(out, x, beta=0.25)
+    q, p = torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    kl_per_image = [torch.distributions.kl_divergence(q, p)[i].sum().item() for i in range(3)]  # over 196 elements
+    kl = sum(kl_per_image) / 3 / 784
+    rec = sum(((a - b) ** 2).sum().item() for a, b in zip(out["x_hat"], x)) / (3 * 784)
+    assert math.isclose(losses["kl"].item(), kl, rel_tol=1e-5)
+    assert math.isclose(losses["rec"].item(), rec, rel_tol=1e-5)
+    assert math.isclose(losses["ae"].item(), rec + 0.25 * kl, rel_tol=1e-5)
+
+
 def test_marginal_cosine_loss_is_zero_inside_the_margin_and_positive_outside():
     torch.manual_seed(0)
     f = torch.randn(2, 8, 3, 3)
