@@ -83,6 +83,8 @@ def test_elbo(model: VAE, x_test: torch.Tensor, batch: int = 1000) -> float:
 def main(cfg: TrainConfig):
     if cfg.method == "wake-sleep" and cfg.beta != 1.0:
         raise UserError("--beta weights the KL term of the ELBO, which wake-sleep does not train on")
+    if cfg.method == "wake-sleep" and cfg.compile:  # torch.compile wraps forward(); wake-sleep calls encode/decode
+        raise UserError("--compile compiles the VAE's forward pass, which --method wake-sleep never calls")
     if cfg.method == "wake-sleep" and cfg.latent_samples != 1:
         raise UserError("--latent-samples sets L of the SGVB estimator, which wake-sleep does not train on")
     if cfg.init_std > 0 and cfg.model == "conv":

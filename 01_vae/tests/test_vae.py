@@ -383,7 +383,8 @@ def test_train_cli_error_exits_2_with_one_line_as_a_user_sees_it(tmp_path):
                                   ["--resume", "/no/such/ckpt.pt"], ["--beta", "-1"],
                                   ["--method", "wake-sleep", "--beta", "0.5"], ["--method", "sleep"],
                                   ["--model", "conv", "--init-std", "0.01"], ["--latent-samples", "0"],
-                                  ["--method", "wake-sleep", "--latent-samples", "2"]])
+                                  ["--method", "wake-sleep", "--latent-samples", "2"],
+                                  ["--method", "wake-sleep", "--compile"]])
 def test_train_cli_errors_exit_2_with_one_line(args, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     run = lambda: train.main(parse_config(train.TrainConfig, train.PRESETS, train.STAGE, ["--preset", "smoke", *args]))  # noqa: E731,E501
