@@ -81,8 +81,9 @@ def _flag(name: str) -> str:
 
 
 def build_parser(config_cls, presets: dict, description: str) -> argparse.ArgumentParser:
-    epilog = "presets:\n" + "\n".join(
-        f"  {name:8s} " + " ".join(f"{_flag(k)} {v}" for k, v in values.items()) for name, values in presets.items())
+    width = max(map(len, presets), default=0)
+    epilog = "presets:\n" + "\n".join(f"  {name:{width}s} " + " ".join(f"{_flag(k)} {v}" for k, v in values.items())
+                                       for name, values in presets.items())
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = one_line_error

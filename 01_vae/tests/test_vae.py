@@ -123,8 +123,8 @@ def test_sgvb_with_l_draws_averages_l_one_draw_terms_and_divides_the_variance_by
         eight = torch.stack([elbo(model, x, samples=8)["elbo"] for _ in range(3000)])  # (S, B)
     se = (one.var(0) / len(one) + eight.var(0) / len(eight)).sqrt()
     assert ((one.mean(0) - eight.mean(0)).abs() < 4 * se).all()
-    ratio = eight.var(0) / one.var(0)  # 1/8 = 0.125; each variance is estimated to about +-2.6 %
-    assert ((ratio > 0.11) & (ratio < 0.14)).all(), ratio
+    ratio = eight.var(0) / one.var(0)  # 1/8 = 0.125, each estimate +-4.5 % (the one-draw ELBO is heavy-tailed)
+    assert ((ratio > 0.10) & (ratio < 0.155)).all(), ratio
 
 
 def test_beta_weights_only_the_kl_term():

@@ -327,7 +327,7 @@ def test_paper_sgd_schedule():
 
 
 def test_dcgan_full_preset_is_radfords_recipe_at_the_paper_width():
-    """Issue: the DCGAN headline run is Adam(2e-4, beta1 0.5) on Radford et al.'s w = 64 pair (README section 4)."""
+    """The DCGAN headline run is Adam(2e-4, beta1 0.5) on Radford et al.'s w = 64 pair (README section 4)."""
     cfg = parse_config(TrainConfig, PRESETS, STAGE, ["--preset", "dcgan-full"])
     assert (cfg.arch, cfg.optimizer, cfg.lr, cfg.beta1) == ("dcgan", "adam", 2e-4, 0.5)
     assert (cfg.steps, cfg.batch_size, cfg.loss, cfg.k) == (30_000, 128, "nonsaturating", 1)

@@ -115,7 +115,7 @@ def test_figure_timesteps_scale_with_T():
             assert 0 in ts and T in ts and all(1 <= t <= T for t in ts if t), (T, ts)  # from x_0 to x_T
             step = 1 if ts_1000[0] < ts_1000[-1] else -1
             assert all(step * (b - a) > 0 for a, b in zip(ts, ts[1:])), (T, ts)  # distinct, in the given order
-            assert len(ts) == 9 if T >= 50 else len(ts) >= min(T + 1, 3), (T, ts)
+            assert (len(ts) == 9) if T >= 50 else (len(ts) >= min(T + 1, 3)), (T, ts)
 
 
 def test_forward_process_frames_have_the_marginals_of_eq_4(tmp_path):
