@@ -4,10 +4,12 @@ for the results table into one folder (the device tool brings back at most 8 fil
 travel as one .tar.gz).
 
     python3 benchmarks/gpu_full.py --out $OUT 04_dit:4 03_ddpm:3            # on the GPU machine
+    python3 benchmarks/gpu_full.py --out $OUT 02_gan:3:dcgan-full           # a stage's own preset
     python benchmarks/gpu_full.py --out /tmp/g --preset smoke --device cpu --num-samples 100 01_vae:0.2
 
-`STAGE:MINUTES` trains STAGE with `--max-minutes MINUTES` (the run stops cleanly, checkpoints and samples, as
-at a normal end); the summary records the step reached, the wall time, images/s and the evaluation's JSON.
+`STAGE:MINUTES[:PRESET]` trains STAGE (under PRESET instead of `--preset`) with `--max-minutes MINUTES` (the
+run stops cleanly, checkpoints and samples, as at a normal end); the summary records the step reached, the wall
+time, images/s and the evaluation's JSON.
 """
 
 from __future__ import annotations
@@ -80,30 +82,31 @@ def shrink_checkpoint(path: Path, limit: int = 15 * 2**20) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="STAGE:MINUTES, e.g. 04_dit:4")
+    parser.add_argument("runs", nargs="+", help="STAGE:MINUTES[:PRESET], e.g. 04_dit:4 or 02_gan:3:dcgan-full")
     parser.add_argument("--out", required=True, type=Path, help="folder for the summary and one .tar.gz per stage")
-    parser.add_argument("--preset", default="full")
+    parser.add_argument("--preset", default="full", help="the preset of runs that name none")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     parser.add_argument("--num-samples", type=int, default=10_000, help="samples (01: test images) to evaluate")
     args = parser.parse_args(argv)
     plans = []
     for spec in args.runs:
-        stage, _, minutes = spec.partition(":")
+        stage, minutes, preset = (spec.split(":") + [""])[:3]
         if stage not in EVAL or not minutes:
-            parser.error(f"{spec!r}: expected STAGE:MINUTES with STAGE one of {', '.join(EVAL)}")
-        plans.append((stage, float(minutes)))
+            parser.error(f"{spec!r}: expected STAGE:MINUTES[:PRESET] with STAGE one of {', '.join(EVAL)}")
+        plans.append((stage, float(minutes), preset or args.preset))
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
     summary = []
-    for stage, minutes in plans:
-        stage_dir, exp = ROOT / stage, work / stage
+    for stage, minutes, preset in plans:
+        name = stage if preset == args.preset else f"{stage}-{preset}"  # one stage may run under two presets
+        stage_dir, exp = ROOT / stage, work / name
         exp.mkdir(parents=True, exist_ok=True)
         os.environ["SCRATCHGEN_EXPERIMENTS"] = str(exp)
-        row = {"stage": stage, "preset": args.preset, "max_minutes": minutes, "amp": args.amp}
+        row = {"stage": stage, "preset": preset, "max_minutes": minutes, "amp": args.amp}
         with open(exp / "log.txt", "w") as log:
             try:
-                train = [sys.executable, "train.py", "--preset", args.preset, "--run-name", "gpu", "--device",
+                train = [sys.executable, "train.py", "--preset", preset, "--run-name", "gpu", "--device",
                          args.device, "--max-minutes", str(minutes), *(["--amp"] if args.amp else [])]
                 row["train_seconds"] = round(run(train, stage_dir, log), 1)
                 ckpt = exp / stage / "gpu" / "ckpt.pt"
@@ -122,8 +125,8 @@ def main(argv=None) -> int:
         ckpt = exp / stage / "gpu" / "ckpt.pt"
         if ckpt.is_file() and shrink_checkpoint(ckpt):
             row["optimizer_states_dropped"] = True
-        with tarfile.open(args.out / f"{stage}.tar.gz", "w:gz") as tar:
-            tar.add(exp, arcname=stage)
+        with tarfile.open(args.out / f"{name}.tar.gz", "w:gz") as tar:
+            tar.add(exp, arcname=name)
         summary.append(row)
         print(json.dumps(row), flush=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
