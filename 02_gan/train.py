@@ -170,6 +170,11 @@ def main(cfg: TrainConfig):
     if cfg.update == "simultaneous" and cfg.arch == "dcgan":  # one pass over [real; fake] would mix them in BN
         raise UserError("--update simultaneous passes real and fake images through D as one batch, whose batch "
                         "norm would mix their statistics; use it with --arch mlp")
+    # Measured with torch 2.14: a compiled backward either refuses a second gradient through one graph
+    # (retain_graph=True) or, with its buffer donation turned off, returns a wrong one (half the eager norm here).
+    if cfg.compile and (cfg.update == "simultaneous" or cfg.diag_every):
+        raise UserError("--compile cannot take two gradients of one forward pass, which the saturation "
+                        "diagnostic and --update simultaneous do; add --diag-every 0 (with --update alternating)")
     with Run(STAGE, cfg) as run:
         if cfg.update == "simultaneous" and run.dist.enabled:
             raise UserError("--update simultaneous takes gradients with autograd.grad, which DDP does not "

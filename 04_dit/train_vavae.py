@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from vavae import AE_STAGE, AEConfig, Autoencoder, ae_losses, foundation_features, vf_loss
 
+from shared import UserError
 from shared.classifier import load_classifier
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_symmetric
@@ -59,6 +60,9 @@ def recon_grid(ae: Autoencoder, images: torch.Tensor) -> torch.Tensor:
 
 
 def main(cfg: TrainConfig) -> dict:
+    if cfg.compile and cfg.align:  # torch 2.14's compiled backward refuses (or gets wrong) a second gradient
+        raise UserError("--compile cannot take the adaptive weight's gradients of one forward pass (Eq. 20); "
+                        "add --no-align or leave out --compile")
     with Run(STAGE, cfg) as run:
         images, labels = load_images(cfg.dataset)
         test_images, test_labels = load_images(cfg.dataset, train=False)

@@ -230,6 +230,16 @@ def test_logged_d_loss_is_minus_v_averaged_over_the_k_discriminator_steps(tmp_pa
     assert calls[0]["d_loss"] == pytest.approx(first_unscaled, rel=1e-6)
 
 
+def test_compile_refuses_two_gradients_of_one_forward_pass(tmp_path, monkeypatch):
+    """A compiled backward refuses, or silently gets wrong, a second gradient through one graph (torch 2.14:
+    the saturation diagnostic's retained-graph backward came out at half the eager norm)."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    for overrides in (dict(), dict(diag_every=0, update="simultaneous", arch="mlp")):
+        with pytest.raises(UserError, match="--diag-every 0"):
+            main(smoke(compile=True, **overrides))
+    assert not any(tmp_path.rglob("*"))  # refused before a run folder exists
+
+
 def test_checkpoint_and_outputs(smoke_run):
     ckpt = torch.load(smoke_run / "ckpt.pt", weights_only=True)
     assert {"model", "discriminator", "opt_g", "opt_d", "rng", "config"} <= set(ckpt)

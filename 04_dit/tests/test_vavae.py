@@ -229,6 +229,8 @@ def test_vavae_cli_defaults_and_errors(tmp_path):
     for args in (["--m1", "2.5"], ["--m2", "3"], ["--beta", "nan"]):
         with pytest.raises(UserError):
             parse_config(train_vavae.TrainConfig, train_vavae.PRESETS, AE_STAGE, args)
+    with pytest.raises(UserError, match="--no-align"):  # two gradients of one compiled graph: refused
+        train_vavae.main(parse_config(train_vavae.TrainConfig, train_vavae.PRESETS, AE_STAGE, ["--compile"]))
 
 
 def test_torchrun_without_alignment(tmp_path):
