@@ -170,8 +170,8 @@ def main(cfg: TrainConfig):
     if cfg.update == "simultaneous" and cfg.arch == "dcgan":  # one pass over [real; fake] would mix them in BN
         raise UserError("--update simultaneous passes real and fake images through D as one batch, whose batch "
                         "norm would mix their statistics; use it with --arch mlp")
-    # Measured with torch 2.14: a compiled backward either refuses a second gradient through one graph
-    # (retain_graph=True) or, with its buffer donation turned off, returns a wrong one (half the eager norm here).
+    # Seen with torch 2.14 (two threads): a compiled backward refuses a second gradient through one graph
+    # (retain_graph=True); with its buffer donation turned off, a by-hand check got a wrong one (half the eager norm).
     if cfg.compile and (cfg.update == "simultaneous" or cfg.diag_every):
         raise UserError("--compile cannot take two gradients of one forward pass, which the saturation "
                         "diagnostic and --update simultaneous do; add --diag-every 0 (with --update alternating)")

@@ -231,8 +231,8 @@ def test_logged_d_loss_is_minus_v_averaged_over_the_k_discriminator_steps(tmp_pa
 
 
 def test_compile_refuses_two_gradients_of_one_forward_pass(tmp_path, monkeypatch):
-    """A compiled backward refuses, or silently gets wrong, a second gradient through one graph (torch 2.14:
-    the saturation diagnostic's retained-graph backward came out at half the eager norm)."""
+    """A compiled backward refuses, or silently gets wrong, a second gradient through one graph (torch 2.14, seen
+    by hand: with buffer donation off the diagnostic's retained-graph backward came out at half the eager norm)."""
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     for overrides in (dict(), dict(diag_every=0, update="simultaneous", arch="mlp")):
         with pytest.raises(UserError, match="--diag-every 0"):
