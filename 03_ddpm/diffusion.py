@@ -21,8 +21,9 @@ def linear_betas(T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> t
     """The paper's schedule: beta_t rising linearly from 1e-4 to 0.02 over T = 1000 steps (§4).
 
     beta_1 and beta_T are the values for T = 1000. For another T both ends are scaled by 1000/T (as Nichol &
-    Dhariwal 2021 do), so that alpha_bar_T stays about 4e-5 and x_T is still noise: unscaled, T = 100 would
-    end at alpha_bar_T = 0.36, far from the N(0, I) the samplers start from. Capped at 0.999 for T < 50."""
+    Dhariwal 2021 do), so that x_T is still noise: alpha_bar_T = 4.0e-5 at T = 1000, 2.0e-5 at T = 100, smaller
+    still below (unscaled, T = 100 would end at alpha_bar_T = 0.36, far from the N(0, I) the samplers start
+    from). beta_T = 20/T reaches the 0.999 cap only for T <= 20."""
     scale = 1000 / T
     return torch.linspace(beta_1 * scale, beta_T * scale, T, dtype=torch.float64).clamp(max=0.999)  # (T,)
 

@@ -126,8 +126,9 @@ class Run:
         self.step = 0
         self.stop_reason = ""
         self._signalled = False  # a signal came: the next one aborts (an automatic stop does not count)
-        self._sums: dict[str, float | torch.Tensor] = {}
+        self._sums: dict[str, float | torch.Tensor] = {}  # the logging window: steps since the last row
         self._counts: dict[str, int] = {}
+        self._rows = 0  # rows in metrics.jsonl
         self._t0 = time.monotonic()
         self._bar = None
         self._old_handlers = {}
@@ -149,6 +150,8 @@ class Run:
             signal.signal(sig, handler)
         if self._bar is not None:
             self._bar.close()
+        if exc_type is None:
+            self.flush(self.step)  # the steps since the last row, e.g. after --max-minutes
         if self.is_main and exc_type is None:
             plot_curves(read_metrics(self.metrics_path), self.dir / "loss.png", title=self.stage)
             how = f"stopped early ({self.stop_reason})" if self.stop_reason else "finished"
@@ -189,9 +192,21 @@ class Run:
             print0(f"resuming a {len(states)}-process run on {self.dist.world_size}: "
                    "training continues, but not bit for bit as it would have")
             seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+        windows = ckpt.get("log_window_ranks") or [ckpt.get("log_window")]
+        if len(windows) == self.dist.world_size and windows[self.dist.rank]:
+            # The logging window the checkpoint was saved in goes on as it would have: the next row averages the
+            # same steps, summed in the same order, as an uninterrupted run's.
+            window = windows[self.dist.rank]
+            self._sums = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in window["sums"].items()}
+            self._counts = dict(window["counts"])
         if self.is_main:  # forget what the interrupted run logged after its last checkpoint
-            kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
+            rows = read_metrics(self.metrics_path)
+            if "metrics_rows" in ckpt:
+                kept = rows[:ckpt["metrics_rows"]]
+            else:  # a checkpoint from before windows were saved
+                kept = [r for r in rows if r["step"] <= self.step]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._rows = len(kept)
         print0(f"resumed {self.resume_from} at step {self.step}")
         return self.step
 
@@ -263,25 +278,33 @@ class Run:
         """Write the averaged scalars now (plus ``extra`` values such as an evaluation score). Under torchrun the
         average is over every rank's steps, so the row describes the whole batch and every rank reaches the same
         verdict on a non-finite value."""
-        keys = list(self._sums)
-        sums, counts = [float(self._sums[k]) for k in keys], [float(self._counts[k]) for k in keys]
-        if self.dist.enabled and keys:  # every rank logs the same keys at the same steps
-            both = torch.tensor(sums + counts, dtype=torch.float64, device=self.device)
-            dist.all_reduce(both)
-            sums, counts = both[:len(keys)].tolist(), both[len(keys):].tolist()
-        row = {k: s / c for k, s, c in zip(keys, sums, counts)}
+        row = self._window_means(step)
         row.update({k: float(v) for k, v in extra.items()})
         self._sums, self._counts = {}, {}
-        bad = [k for k, v in row.items() if not math.isfinite(v)]
-        if bad:
-            raise TrainingDiverged(f"{bad[0]} = {row[bad[0]]} at step {step}; {self._last_good()}")
+        self._check_finite(row, step)
         if row and self.is_main:
             if self._bar is not None:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(row.items())[:4]}, refresh=False)
             row = {"step": step, **row, "time": round(time.monotonic() - self._t0, 2)}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self._rows += 1
         return row
+
+    def _window_means(self, step: int) -> dict[str, float]:
+        """The mean of every scalar over the logging window (and over every rank under torchrun)."""
+        keys = list(self._sums)
+        sums, counts = [float(self._sums[k]) for k in keys], [float(self._counts[k]) for k in keys]
+        if self.dist.enabled and keys:  # every rank logs the same keys at the same steps
+            both = torch.tensor(sums + counts, dtype=torch.float64, device=self.device)
+            dist.all_reduce(both)
+            sums, counts = both[:len(keys)].tolist(), both[len(keys):].tolist()
+        return {k: s / c for k, s, c in zip(keys, sums, counts)}
+
+    def _check_finite(self, row: dict[str, float], step: int) -> None:
+        bad = [k for k, v in row.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(f"{bad[0]} = {row[bad[0]]} at step {step}; {self._last_good()}")
 
     def _last_good(self) -> str:
         return f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "no checkpoint yet"
@@ -289,22 +312,27 @@ class Run:
     # ---------------------------------------------------------------------------------------------------
     def save_checkpoint(self, **objects) -> Path:
         """Atomically write the state of ``objects`` (name -> module/optimizer/...), the RNG and provenance."""
-        self.flush(self.step)  # never save weights that a NaN has already reached
+        # Never save weights that a NaN has already reached. The open logging window is checked, not written: the
+        # checkpoint carries it, so a resumed run logs the same rows as one that never stopped.
+        self._check_finite(self._window_means(self.step), self.step)
         for name, obj in objects.items():  # a finite loss can still be followed by a step that made NaN weights
             if isinstance(obj, torch.nn.Module) and not all(
                     torch.isfinite(t).all() for t in _unwrap(obj).state_dict().values() if t.is_floating_point()):
                 raise TrainingDiverged(f"{name} has non-finite weights at step {self.step}; {self._last_good()}")
-        states = [rng_state()]
-        if self.dist.enabled:  # every rank's RNG, so that a resumed multi-process run continues exactly
-            states = [None] * self.dist.world_size
+        window = {"sums": {k: v.cpu() if torch.is_tensor(v) else v for k, v in self._sums.items()},
+                  "counts": dict(self._counts)}
+        states, windows = [rng_state()], [window]
+        if self.dist.enabled:  # every rank's RNG and window, so that a resumed multi-process run continues exactly
+            states, windows = [None] * self.dist.world_size, [None] * self.dist.world_size
             dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(windows, window)
         if self.is_main:
             payload = provenance(self.stage, dataclasses.asdict(self.cfg), self.cfg.seed, self.step, self.git_hash)
             payload["world_size"] = self.dist.world_size
             payload.update({name: _unwrap(obj).state_dict() for name, obj in objects.items()})
-            payload["rng"] = states[0]
+            payload["rng"], payload["log_window"], payload["metrics_rows"] = states[0], windows[0], self._rows
             if len(states) > 1:
-                payload["rng_ranks"] = states
+                payload["rng_ranks"], payload["log_window_ranks"] = states, windows
             save_checkpoint(payload, self.ckpt_path)
         return self.ckpt_path
 

@@ -15,7 +15,7 @@ import toy_train
 from shared import UserError
 from shared.cli import SEED_MAX, TrainingDiverged, arg, check_seed, config_from_preset, parse_config, validate
 from shared.experiment import find_checkpoint
-from shared.testing import checkpoints_equal, run_interrupted_and_straight, run_script
+from shared.testing import checkpoints_equal, run_interrupted_and_straight, run_script, same_training
 
 TOY = Path(toy_train.__file__)
 
@@ -32,6 +32,19 @@ def test_resume_is_bit_identical(smoke, tmp_path):
     assert checkpoints_equal(straight, resumed, keys=("model", "optimizer"))
     rows = [json.loads(line) for line in (tmp_path / "00_toy/resumed/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))  # nothing logged twice across the resume
+
+
+def test_resume_inside_a_logging_window_logs_the_rows_of_a_straight_run(smoke, tmp_path):
+    """Stopped at step 13 with a row every 4 steps: the checkpoint carries the open window (step 13), so the
+    resumed run's row at 16 averages steps 13-16 as the straight run's does, and no extra row at 13 remains."""
+    cfg = dataclasses.replace(smoke, log_every=4)
+    straight, resumed = run_interrupted_and_straight(toy_train.main, cfg, stop_at=13, experiments=tmp_path)
+    assert same_training(straight, resumed) == []  # weights, RNG, the window and the row count
+    rows = {name: [{k: v for k, v in json.loads(line).items() if k != "time"}
+                   for line in (tmp_path / f"00_toy/{name}/metrics.jsonl").read_text().splitlines()]
+            for name in ("straight", "resumed")}
+    assert [r["step"] for r in rows["straight"]] == [4, 8, 12, 16, 20, 24, 28, 30]  # 29-30: written at the end
+    assert rows["resumed"] == rows["straight"]  # bit for bit: the same steps summed in the same order
 
 
 def test_resume_without_the_straight_run_differs(smoke, tmp_path):
