@@ -19,7 +19,7 @@ from train import binarized_test_set
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint
-from shared.cli import check_seed, one_line_error, run_entry
+from shared.cli import check_seed, one_line_error, output_dir, run_entry
 from shared.data import DATASETS
 from shared.images import read_metrics, save_grid
 
@@ -139,9 +139,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                    "training images seen) from these run folders' metrics")
     args = p.parse_args(argv)
     check_seed(args.seed)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out must be a folder, but {out} is a file")
+    out = output_dir(args.out, "--out")
     if args.curves:  # the picture, and its numbers beside it
         curves = {run: lower_bound_curve(Path(run)) for run in args.curves}
         path = plot_lower_bound_curves(list(curves.values()), out / f"{args.prefix}lower_bound_curves.png")
@@ -151,7 +149,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
             print(f"wrote {p} ({p.stat().st_size // 1024} KB)")
         return [path, numbers]
     model, _, _ = load_model(args.ckpt)
-    out.mkdir(parents=True, exist_ok=True)
     x, labels = binarized_test_set(args.dataset)
     name = lambda s: out / f"{args.prefix}{s}.png"  # noqa: E731
     grid = dict(value_range=(0.0, 1.0))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from train import binarized_test_set
 
 from shared import UserError
-from shared.cli import check_seed, one_line_error, run_entry
+from shared.cli import check_seed, one_line_error, output_file, run_entry
 from shared.data import DATASETS
 from shared.runtime import DEVICES, choose_device
 
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_seed(args.seed)
+    if args.json:  # now, not after the hours that --k 5000 can take
+        output_file(args.json, "--json")
     device = choose_device(args.device)
     model, ckpt, path = load_model(args.ckpt, device)
     x = binarized_test_set(args.dataset, args.num_test)[0].to(device)

@@ -13,7 +13,7 @@ import torch
 from model import SIZES, VAE, vae_config
 
 from shared import UserError
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, load_error
 from shared.cli import add_sample_args, check_sample_args, run_entry
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
@@ -33,7 +33,7 @@ def load_model(ckpt_arg: str, device: torch.device | str = "cpu") -> tuple[VAE, 
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as err:
-        raise UserError(f"{path} does not hold this stage's VAE weights ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path} does not hold this stage's VAE weights ({load_error(err)})") from None
     return model.to(device).eval(), ckpt, path
 
 

@@ -21,7 +21,7 @@ from sample import load_generator
 from train import PAPER_TRAIN_IMAGES
 
 from shared import UserError
-from shared.cli import one_line_error, run_entry
+from shared.cli import one_line_error, output_dir, run_entry
 from shared.data import load_images
 from shared.images import read_metrics, save_gif, save_grid, to_uint8
 
@@ -125,10 +125,10 @@ def main(argv=None):
     parser.add_argument("--run", required=True, help="a run folder of this stage (experiments/02_gan/NAME)")
     parser.add_argument("--out", default="assets", help="folder for the pictures")
     args = parser.parse_args(argv)
-    run_dir, out = Path(args.run), Path(args.out)
+    run_dir = Path(args.run)
     if not (run_dir / "ckpt.pt").is_file():
         raise UserError(f"--run {run_dir}: no ckpt.pt there")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "--out")
     G = load_generator(run_dir / "ckpt.pt")
     records = read_metrics(run_dir / "metrics.jsonl")
     made = [training_gif(run_dir, out / "training.gif"), nearest_neighbours(G, out / "nearest.png"),

@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 from shared import UserError
-from shared.cli import one_line_error, run_entry
+from shared.cli import one_line_error, output_file, run_entry
 from shared.data import load_images, to_unit
 from shared.evaluate import read_samples
 from shared.images import save_grid
@@ -66,8 +66,9 @@ def main(argv=None):
         raise UserError(f"--widths must be >= 0 and finite, got {args.widths}")
     images, _, _ = read_samples(args.samples)
     samples = to_unit(as_images(images))  # (N, 1, 28, 28) in [0, 1]
-    if args.json:  # a new folder, as --picture (save_grid) allows; made now, not after the minutes of scoring
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    for flag, path in (("--json", args.json), ("--picture", args.picture)):
+        if path:  # checked now, not after the minutes of scoring
+            output_file(path, flag)
     rows = blur_table(samples, args.widths)
     if args.picture:
         save_grid(torch.cat([blur(samples[:12], w) for w in args.widths]), args.picture, nrow=12, value_range=(0, 1))

@@ -15,7 +15,7 @@ from model import build_gan, sample_noise
 from train import STAGE, gan_config_of
 
 from shared import UserError
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, load_error
 from shared.cli import add_sample_args, check_sample_args, run_entry
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz, to_uint8
@@ -30,7 +30,7 @@ def load_generator(path: Path, device="cpu") -> torch.nn.Module:
     try:
         G.load_state_dict(weights)
     except RuntimeError as err:
-        raise UserError(f"{path} does not fit its own config ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path} does not fit its own config ({load_error(err)})") from None
     return G.to(device).eval()
 
 

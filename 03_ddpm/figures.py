@@ -20,7 +20,7 @@ from sample import generate, load_model
 from train import STAGE
 
 from shared import UserError
-from shared.cli import one_line_error, run_entry
+from shared.cli import one_line_error, output_dir, run_entry
 from shared.data import load_images, to_symmetric
 from shared.experiment import experiments_dir, find_checkpoint
 from shared.images import save_grid, save_samples_npz, to_uint8
@@ -163,12 +163,11 @@ def main(argv=None):
         raise UserError(f"--fid-steps must be at least 1 each, got {args.fid_steps!r}")
     if args.fid_samples <= 0 or args.bpd_images < 0 or args.bpd_t < 0 or args.batch_size <= 0:
         raise UserError("--fid-samples and --batch-size must be positive, --bpd-images and --bpd-t non-negative")
+    assets = output_dir(args.assets, "--assets")
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
     model, diffusion, ckpt = load_model(path, torch.device("cpu"))
     if any(S > diffusion.T for S in steps):
         raise UserError(f"--fid-steps must be in 1..{diffusion.T} (T of this checkpoint), got {args.fid_steps!r}")
-    assets = Path(args.assets)
-    assets.mkdir(parents=True, exist_ok=True)
     print(f"{path}: step {ckpt['step']}")
 
     if not args.no_pictures:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from train import STAGE, make_diffusion
 
 from shared import UserError
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, load_error
 from shared.cli import add_sample_args, check_sample_args, run_entry
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
@@ -36,7 +36,7 @@ def load_model(path: Path, device) -> tuple[torch.nn.Module, Diffusion, dict]:
     try:
         model.load_state_dict({k: v.float() for k, v in weights.items()})
     except RuntimeError as err:
-        raise UserError(f"{path} does not fit the U-Net '{cfg['model']}' ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path} does not fit the U-Net '{cfg['model']}' ({load_error(err)})") from None
     return model.to(device).eval(), make_diffusion(cfg), ckpt
 
 

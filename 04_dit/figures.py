@@ -19,7 +19,7 @@ from vavae import AE_STAGE, ae_from_state_dict
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint
-from shared.cli import check_seed, one_line_error, run_entry
+from shared.cli import check_seed, one_line_error, output_dir, run_entry
 from shared.data import load_images
 from shared.experiment import find_checkpoint
 from shared.images import save_grid
@@ -64,7 +64,7 @@ def main(argv=None):
     if not all(math.isfinite(s) and s >= 0 for s in args.scales):
         raise UserError(f"--scales must be finite and non-negative, got {args.scales}")
     check_seed(args.seed)
-    out = Path(args.out)
+    out = output_dir(args.out, "--out")
     if args.vavae:
         print(f"wrote {reconstruction_figure(args.vavae, out)}")
         return

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from vavae import Autoencoder, ae_from_state_dict, decode_latents
 
 from shared import UserError
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, load_error
 from shared.cli import add_sample_args, check_sample_args, run_entry
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
@@ -48,13 +48,18 @@ def load_model(path: Path, device) -> tuple[DiT, dict, Autoencoder | None]:
     """The DiT (EMA weights), its training config, and the frozen autoencoder if it was trained on latents."""
     ckpt = load_checkpoint(path, STAGE)
     c = ckpt["config"]
-    ae = ae_from_state_dict(ckpt["autoencoder"]).to(device).eval() if "autoencoder" in ckpt else None
-    shape = dict(patch_size=c["patch_size"]) if ae is None else dict(image_size=7, in_channels=ae.cfg.z_channels,
-                                                                     patch_size=1)
-    model = DiT(dit_config(c["size"], class_dropout=0.0, swiglu=c["swiglu"], rmsnorm=c["rmsnorm"], rope=c["rope"],
-                           qk_norm=c["qk_norm"], **shape))
-    weights = ckpt["ema"] if "ema" in ckpt else ckpt["model"]
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    try:
+        ae = ae_from_state_dict(ckpt["autoencoder"]).to(device).eval() if "autoencoder" in ckpt else None
+        shape = dict(patch_size=c["patch_size"]) if ae is None else dict(image_size=7, in_channels=ae.cfg.z_channels,
+                                                                         patch_size=1)
+        model = DiT(dit_config(c["size"], class_dropout=0.0, swiglu=c["swiglu"], rmsnorm=c["rmsnorm"],
+                               rope=c["rope"], qk_norm=c["qk_norm"], **shape))
+        weights = ckpt["ema"] if "ema" in ckpt else ckpt["model"]
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+    except KeyError as err:
+        raise UserError(f"{path} is not a DiT checkpoint of this stage (it has no {err})") from None
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit the DiT its config describes ({load_error(err)})") from None
     return model.to(device).eval(), c, ae
 
 
@@ -64,7 +69,8 @@ def main(argv=None):
     if not -1 <= args.class_label <= 9:
         raise UserError(f"--class-label must be a digit 0..9 (or -1 for all), got {args.class_label}")
     if args.steps < 1 or not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
-        raise UserError("--steps must be at least 1 and --cfg-scale finite and non-negative")
+        raise UserError(f"--steps must be at least 1 and --cfg-scale finite and non-negative, got --steps "
+                        f"{args.steps} --cfg-scale {args.cfg_scale:g}")
     lo, hi = args.cfg_interval
     if not 0 <= lo < hi <= 1:  # also false for NaN
         raise UserError(f"--cfg-interval LO HI needs 0 <= LO < HI <= 1 (normalised time), got {lo:g} {hi:g}")

@@ -39,7 +39,7 @@ from sample import STAGE_DIR, add_guidance_args, check_guidance_args, generate, 
 from train import STAGE, class_prompt_ids, grid_prompts, zero_shot_logits
 
 from shared import UserError
-from shared.cli import one_line_error, run_entry
+from shared.cli import one_line_error, output_dir, output_file, run_entry
 from shared.data import load_images, to_unit
 from shared.experiment import find_checkpoint
 from shared.images import save_grid
@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_samples < 10:
         raise UserError(f"--num-samples must be at least 10, got {args.num_samples}")
     check_guidance_args(args)
+    if args.json:  # checked now, not after the minutes of sampling
+        output_file(args.json, "--json")
+    if args.assets:
+        output_dir(args.assets, "--assets")
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, STAGE_DIR, args.ckpt)
     model, tok, cfg = load_model(path, device, args.weights)  # a UserError if the checkpoint lacks those weights
@@ -356,7 +360,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.assets:
         out = Path(args.assets)
-        out.mkdir(parents=True, exist_ok=True)
         save_confusion(confusion, out / "zero_shot_confusion.png")
         grid, _ = grid_prompts()
         noise = torch.randn(len(grid), 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(device)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from train import STAGE, TrainConfig, build
 
 from shared import UserError
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, load_error
 from shared.cli import add_sample_args, check_sample_args, run_entry
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
@@ -51,7 +51,7 @@ def load_model(path: Path, device, weights: str = "model") -> tuple[TextToImage,
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as err:
-        raise UserError(f"{path} does not fit this stage's model ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path} does not fit this stage's model ({load_error(err)})") from None
     return model.to(device).eval(), tok, cfg
 
 
@@ -59,7 +59,7 @@ def read_prompts(args, two_digit: bool = False) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise UserError(f"--prompts-file {path}: no such file")
+            raise UserError(f"--prompts-file {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
             raise UserError(f"--prompts-file {path} holds no prompts")

@@ -52,9 +52,10 @@ class TrainConfig(CommonConfig):
     clip_size: str = arg("S", "mini-CLIP size", tuple(CLIP_SIZES))
     dit_size: str = arg("S", "MMDiT size", tuple(MMDIT_SIZES))
     patch: int = arg(4, "MMDiT patch size (must divide 28)", min=1)
-    p_uncond: float = arg(0.1, "caption dropout: probability of training on the empty prompt (for CFG)")
-    p_small: float = arg(0.25, "probability of shrinking a digit (the captions then say 'small')")
-    ema_decay: float = arg(0.999, "EMA decay of the MMDiT weights (ramped up as (1+k)/(10+k) over its first steps)")
+    p_uncond: float = arg(0.1, "caption dropout: probability of training on the empty prompt (for CFG)", max=1)
+    p_small: float = arg(0.25, "probability of shrinking a digit (the captions then say 'small')", max=1)
+    ema_decay: float = arg(0.999, "EMA decay of the MMDiT weights (ramped up as (1+k)/(10+k) over its first steps)",
+                           max=1)
     t_mean: float = arg(0.0, "logit-normal t: mean m of the normal before the sigmoid", min=None)
     t_std: float = arg(1.0, "logit-normal t: std s", min=1e-6)
     cfg_scale: float = arg(3.0, "guidance scale of the sample grids written while training")

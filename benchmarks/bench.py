@@ -29,7 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from shared import UserError  # noqa: E402
 from shared.checkpoint import git_hash  # noqa: E402
+from shared.cli import one_line_error, output_file, run_entry  # noqa: E402
+from shared.runtime import choose_device  # noqa: E402
 
 
 def machine(device: str) -> str:
@@ -61,7 +64,9 @@ def first_row_per_step(metrics: Path) -> list[dict]:
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        # A result row holds one line: the script's own one-line error, or a traceback's last line, says why.
+        cause = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no message on stderr")
+        raise RuntimeError(f"{Path(cmd[1]).name} exited with code {proc.returncode}: {cause.strip()}")
     return proc.stdout
 
 
@@ -107,8 +112,9 @@ def ms_text(ms: float | None) -> str:
     return "noise" if ms is None else f"{ms:.3f}"
 
 
-def main():
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("--stages", nargs="*", default=None, help="stage folders (default: all)")
     parser.add_argument("--preset", default="default", choices=("smoke", "default", "full"),
                         help="model sizes to measure")
@@ -129,20 +135,32 @@ def main():
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory order (training)")
     parser.add_argument("--json", default="", help="where to write the results (default: print only)")
     args = parser.parse_args()
+    for flag in ("steps", "log_every", "repeats"):  # None (not given) picks the device's default below
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
     gpu = args.device == "cuda"
-    args.steps = args.steps or (300 if gpu else 30)
+    args.steps = args.steps if args.steps is not None else (300 if gpu else 30)
     args.warmup = args.warmup if args.warmup is not None else (50 if gpu else 10)
-    args.log_every = args.log_every or (10 if gpu else 1)
+    args.log_every = args.log_every if args.log_every is not None else (10 if gpu else 1)
     if args.steps <= args.warmup + args.log_every or args.samples < 8:
         parser.error("--steps must exceed --warmup + --log-every and --samples must be at least 8")
-    stages = args.stages or sorted(p.name for p in ROOT.glob("[0-9][0-9]_*") if (p / "train.py").exists())
+    known = sorted(p.name for p in ROOT.glob("[0-9][0-9]_*") if (p / "train.py").exists())
+    unknown = [s for s in args.stages or [] if s not in known]
+    if unknown:
+        raise UserError(f"unknown stage {unknown[0]!r}; choose from {', '.join(known)}")
+    stages = args.stages or known
+    choose_device(args.device)  # a missing GPU is one line now, not the same failure in every stage's row
+    if args.json:
+        output_file(args.json, "--json")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for stage in stages:
             try:
                 results.append(bench_stage(stage, args, Path(tmp)))
             except RuntimeError as err:
-                results.append({"stage": stage, "error": str(err).splitlines()[0]})
+                results.append({"stage": stage, "error": str(err)})
             print(json.dumps(results[-1]), flush=True)
     print(f"\n{'stage':15s} {'device':7s} {'amp':4s} {'compile':8s} {'NHWC':5s} {'train img/s':>12s} "
           f"{'sample ms/img':>14s}  ms/img by sampler steps")
@@ -158,7 +176,8 @@ def main():
         provenance = {"command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
                       "machine": machine(args.device), "commit": git_hash()}
         Path(args.json).write_text(json.dumps([{**r, **provenance} for r in results], indent=2) + "\n")
+    return 1 if any("error" in r for r in results) else 0  # a failed stage must not pass for a finished benchmark
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry(main))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,7 +25,12 @@ import tarfile
 import time
 from pathlib import Path
 
-from bench import first_row_per_step  # this folder is on sys.path when a script here runs
+# This folder is on sys.path when a script here runs, and importing bench puts the repository root there too.
+from bench import first_row_per_step
+
+from shared.checkpoint import save_checkpoint
+from shared.cli import one_line_error, output_dir, run_entry
+from shared.runtime import DEVICES, choose_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,26 +82,38 @@ def shrink_checkpoint(path: Path, limit: int = 15 * 2**20) -> bool:
 
     ckpt = torch.load(path, weights_only=True)
     optimizers = [k for k, v in ckpt.items() if isinstance(v, dict) and {"state", "param_groups"} <= v.keys()]
-    torch.save({k: v for k, v in ckpt.items() if k not in optimizers}, path)
+    # Atomic: a crash mid-write must not cost the checkpoint that the GPU minutes paid for.
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in optimizers}, path)
     return True
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("runs", nargs="+", help="STAGE:MINUTES[:PRESET], e.g. 04_dit:4 or 02_gan:3:dcgan-full")
     parser.add_argument("--out", required=True, type=Path, help="folder for the summary and one .tar.gz per stage")
     parser.add_argument("--preset", default="full", help="the preset of runs that name none")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", choices=DEVICES)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     parser.add_argument("--num-samples", type=int, default=10_000, help="samples (01: test images) to evaluate")
     args = parser.parse_args(argv)
+    # Everything checkable is checked here, before the first stage's training minutes are spent.
+    if args.num_samples <= 0:
+        parser.error(f"--num-samples must be positive, got {args.num_samples}")
     plans = []
     for spec in args.runs:
-        stage, minutes, preset = (spec.split(":") + [""])[:3]
-        if stage not in EVAL or not minutes:
-            parser.error(f"{spec!r}: expected STAGE:MINUTES[:PRESET] with STAGE one of {', '.join(EVAL)}")
-        plans.append((stage, float(minutes), preset or args.preset))
-    args.out.mkdir(parents=True, exist_ok=True)
+        stage, minutes, preset = (spec.split(":") + ["", ""])[:3]
+        try:
+            minutes = float(minutes)
+        except ValueError:
+            minutes = math.nan
+        # train.py reads --max-minutes 0 as "no limit": a full preset's whole recipe, not a fixed budget
+        if stage not in EVAL or not 0 < minutes < math.inf or spec.count(":") > 2:
+            parser.error(f"{spec!r}: expected STAGE:MINUTES[:PRESET] with STAGE one of {', '.join(EVAL)} and "
+                         "MINUTES a positive number")
+        plans.append((stage, minutes, preset or args.preset))
+    choose_device(args.device)  # a missing GPU is one line now, not the same failure logged for every stage
+    output_dir(args.out, "--out")
     work = args.out / "work"
     summary = []
     for stage, minutes, preset in plans:
@@ -135,4 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry(main))

@@ -25,6 +25,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from shared import UserError  # noqa: E402
+from shared.cli import one_line_error, output_file, run_entry  # noqa: E402
 
 
 def profile_run(preset: str, steps: int, device: str, train_args: list[str]) -> dict[str, list[float]]:
@@ -51,8 +54,6 @@ def profile_run(preset: str, steps: int, device: str, train_args: list[str]) -> 
 def per_step_table(stage: str, preset: str, short: int, long: int, device: str, rows: int,
                    train_args: list[str]) -> str:
     stage_dir = ROOT / stage
-    if not (stage_dir / "train.py").is_file():
-        raise SystemExit(f"error: {stage!r} is not a stage folder with a train.py")
     sys.path[:0] = [str(stage_dir), str(ROOT)]  # the stage's own modules first, as when run from its folder
     os.chdir(stage_dir)
     a = profile_run(preset, short, device, train_args)
@@ -74,6 +75,7 @@ def per_step_table(stage: str, preset: str, short: int, long: int, device: str, 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("stage", help="stage folder, e.g. 03_ddpm")
     parser.add_argument("--preset", default="default", help="the stage's preset whose sizes are profiled")
     parser.add_argument("--steps", type=int, nargs=2, default=(10, 40), metavar=("SHORT", "LONG"),
@@ -87,13 +89,16 @@ def main():
     short, long = args.steps
     if not 1 <= short < long or args.rows < 1:
         parser.error("--steps needs 1 <= SHORT < LONG and --rows at least 1")
-    out = Path(args.out).resolve() if args.out else None  # before train.py's folder becomes the working directory
+    if not (ROOT / args.stage / "train.py").is_file():
+        known = sorted(p.name for p in ROOT.glob("[0-9][0-9]_*") if (p / "train.py").is_file())
+        raise UserError(f"{args.stage!r} is not a stage folder with a train.py; choose from {', '.join(known)}")
+    # Checked before the profiling runs; resolved before train.py's folder becomes the working directory.
+    out = output_file(args.out, "--out").resolve() if args.out else None
     table = per_step_table(args.stage, args.preset, short, long, args.device, args.rows, train_args)
     print(table)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

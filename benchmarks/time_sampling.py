@@ -18,14 +18,24 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shared import UserError  # noqa: E402
+from shared.cli import one_line_error, run_entry  # noqa: E402
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = one_line_error
     parser.add_argument("--counts", type=int, nargs="+", required=True, help="--num-samples values to time")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per count (the fastest is kept)")
     parser.add_argument("sample_args", nargs=argparse.REMAINDER, help="arguments for sample.py (after --)")
     args = parser.parse_args()
     sample_args = [a for a in args.sample_args if a != "--"]
+    if min(args.counts) <= 0 or args.repeats <= 0:
+        parser.error(f"--counts and --repeats must be positive, got {args.counts} and {args.repeats}")
+    if not (Path.cwd() / "sample.py").is_file():
+        raise UserError("no sample.py here: run this from a stage folder, e.g. "
+                        "cd 03_ddpm && python ../benchmarks/time_sampling.py --counts 16 256 -- --ckpt run/ckpt.pt")
 
     sys.path.insert(0, str(Path.cwd()))
     import sample  # the stage's sample.py (cwd is the stage folder)
@@ -58,4 +68,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)  # sample.main's UserErrors (a bad --ckpt) are one line here too

@@ -101,3 +101,11 @@ def export_weights(ckpt: dict, path: str | Path, key: str = "ema", half: bool = 
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     keep = ("stage", "config", "seed", "step", "git_hash", "torch_version", "created")
     return save_checkpoint({**{k: ckpt[k] for k in keep if k in ckpt}, "model": weights}, path)
+
+
+def load_error(err: Exception) -> str:
+    """The line of a ``load_state_dict`` error that names the cause (its first line is only a header)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        return lines[1].rstrip(".")
+    return lines[0] if lines else type(err).__name__

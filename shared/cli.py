@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared import UserError
 from shared.data import DATASETS
@@ -145,7 +147,8 @@ def parse_config(config_cls, presets: dict, stage: str, argv: list[str] | None =
 
 
 def run_entry(fn: Callable, *args, **kwargs):
-    """Call an entry point; turn a UserError into exit code 2 and a diverged run into exit code 1."""
+    """Call an entry point; turn a UserError into exit code 2, a diverged run into exit code 1 and a Ctrl-C
+    outside training (training saves and exits cleanly on its own) into one line and exit code 130."""
     try:
         return fn(*args, **kwargs)
     except UserError as err:
@@ -154,6 +157,42 @@ def run_entry(fn: Callable, *args, **kwargs):
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def output_file(path: str | Path, flag: str) -> Path:
+    """``path`` once its folder exists and a file can be written there: a script calls this before its work,
+    so a typo in an output path costs a second, not the minutes of sampling or scoring before the write."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: can't create its folder ({err.strerror})") from None
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: a folder, not a file path")
+    existed = path.exists()
+    try:  # trying is the only sure test (a root user passes os.access on read-only places such as /proc)
+        with open(path, "ab"):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: not a writable file path ({err.strerror})") from None
+    if not existed:
+        path.unlink()
+    return path
+
+
+def output_dir(path: str | Path, flag: str) -> Path:
+    """``path`` once it exists as a writable folder (the same early check as :func:`output_file`)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: can't create this folder ({err.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: not a writable folder")
+    return path
 
 
 def train_entry(main: Callable, config_cls, presets: dict, stage: str, description: str = "") -> None:
@@ -189,3 +228,5 @@ def check_sample_args(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.out and not args.out.endswith(".npz"):
         raise UserError(f"--out must name a .npz file, got {args.out!r}")
+    if args.out:
+        output_file(args.out, "--out")

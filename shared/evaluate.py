@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shared import UserError
-from shared.cli import one_line_error, run_entry
+from shared.cli import one_line_error, output_file, run_entry
 from shared.data import load_images
 from shared.metrics import SIGMA_GRID, as_images, evaluate, write_reference
 from shared.runtime import DEVICES, choose_device
@@ -35,7 +34,7 @@ def read_samples(source: str) -> tuple[np.ndarray, np.ndarray | None, Path | Non
         split, a, b = real.group(1), int(real.group(2)), int(real.group(3))
         images, labels = load_images("mnist", train=split == "train")
         if not 0 <= a < b <= len(images):
-            raise UserError(f"{source}: the range must lie within 0..{len(images)}")
+            raise UserError(f"{source}: A:B must satisfy 0 <= A < B <= {len(images)}")
         return images[a:b].numpy(), labels[a:b].numpy(), None
     path = Path(source)
     if not path.is_file():
@@ -97,12 +96,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     images = as_images(images)
     out = Path(args.json) if args.json else (path.with_suffix(".metrics.json") if path is not None else None)
     if out is not None:  # find out now, not after minutes of scoring, that the JSON can't be written
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"--json {out}: can't create its folder ({err.strerror})") from None
-        if out.is_dir() or not os.access(out.parent, os.W_OK):
-            raise UserError(f"--json {out}: not a writable file path")
+        output_file(out, "--json")
     t0 = time.time()
     result = evaluate(images, labels, parzen=args.parzen, device=device)
     result["source"] = args.samples

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from shared import REPO_ROOT, UserError
-from shared.checkpoint import git_hash, load_checkpoint, provenance, save_checkpoint
+from shared.checkpoint import git_hash, load_checkpoint, load_error, provenance, save_checkpoint
 from shared.cli import TrainingDiverged
 from shared.data import TensorImages, batches_from, make_loader
 from shared.images import plot_curves, read_metrics, save_grid
@@ -103,6 +103,10 @@ class Run:
         self.resume_from = resolve_resume(stage, cfg.run_name, cfg.resume)
         if self.resume_from is not None:
             self.dir = self.resume_from.parent
+            # The config records the folder the run continues in, whatever --run-name said.
+            runs = experiments_dir() / stage
+            name = self.dir.relative_to(runs).as_posix() if self.dir.is_relative_to(runs) else str(self.dir)
+            self.cfg = cfg = dataclasses.replace(cfg, run_name=name)
             newer = self.dir / CKPT_NAME
             if self.resume_from.name != CKPT_NAME and newer.is_file():
                 # Resuming writes ckpt.pt and cuts metrics.jsonl back to the snapshot's step: the run's newer
@@ -112,6 +116,8 @@ class Run:
                                 f"new folder as {CKPT_NAME} and resume that")
         else:
             name = cfg.run_name or f"{cfg.preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            if Path(name).is_absolute() or ".." in Path(name).parts:  # sub-folders such as fig2/z20 are fine
+                raise UserError(f"--run-name {name}: a name inside experiments/{stage}/, not a path out of it")
             if self.dist.enabled:  # every rank writes to rank 0's folder name
                 holder = [name]
                 dist.broadcast_object_list(holder, src=0)
@@ -132,11 +138,13 @@ class Run:
         self._t0 = time.monotonic()
         self._bar = None
         self._old_handlers = {}
-        if self.is_main:
+        if self.is_main and self.resume_from is None:  # a resumed run's folder is written once restore() fits
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-            if self.resume_from is None:  # a run that died before its first checkpoint leaves stale rows
-                self.metrics_path.unlink(missing_ok=True)
+            self._write_config()
+            self.metrics_path.unlink(missing_ok=True)  # a run that died before its first checkpoint leaves rows
+
+    def _write_config(self) -> None:
+        (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
 
     # ---------------------------------------------------------------------------------------------------
     def __enter__(self):
@@ -182,9 +190,11 @@ class Run:
             try:
                 _unwrap(obj).load_state_dict(ckpt[name])
             except (RuntimeError, ValueError, KeyError) as err:
-                first = str(err).strip().splitlines()[0]
-                raise UserError(f"{self.resume_from} does not fit this configuration ({first})") from None
+                raise UserError(f"{self.resume_from} does not fit this configuration ({load_error(err)})") from None
         self.step = int(ckpt["step"])
+        if self.step > self.cfg.steps:
+            raise UserError(f"--steps {self.cfg.steps} is below the step {self.step} that {self.resume_from} "
+                            f"already reached")
         states = ckpt.get("rng_ranks") or [ckpt["rng"]]  # one RNG state per rank of the run that saved it
         if len(states) == self.dist.world_size:
             set_rng_state(states[self.dist.rank])
@@ -200,6 +210,7 @@ class Run:
             self._sums = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in window["sums"].items()}
             self._counts = dict(window["counts"])
         if self.is_main:  # forget what the interrupted run logged after its last checkpoint
+            self._write_config()
             rows = read_metrics(self.metrics_path)
             if "metrics_rows" in ckpt:
                 kept = rows[:ckpt["metrics_rows"]]

@@ -44,3 +44,32 @@ def test_ladder_refuses_bad_flags_with_one_line(capsys):
         ladder.main(["--device", "tpu"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_stopped_ladder_keeps_its_rows_stops_and_resumes(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import json
+
+    import shared.metrics
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    monkeypatch.setattr(shared.metrics, "evaluate", lambda images, labels=None: {
+        "fid": float(images.float().mean()), "fid_floor": 1.0, "label_accuracy": 0.1})
+    real = ladder.train_main
+    # rung 0 stops at step 3 on its way to 4, as a Ctrl-C makes it: checkpoint saved, train_main returns
+    monkeypatch.setattr(ladder, "train_main", lambda cfg: real(dataclasses.replace(cfg, stop_at=3)))
+    args = ["--preset", "smoke", "--eval-at", "2", "4", "--num-samples", "10", "--sample-steps", "2", "--rungs", "2",
+            "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        ladder.main(args)
+    assert exit_.value.code == 130  # the whole ladder stops: rung 1 never starts
+    assert "--resume" in capsys.readouterr().err
+    out = tmp_path / "04_dit" / "ladder"
+    rows = json.loads((out / "ladder.json").read_text())  # the row scored before the stop is kept ...
+    assert [(r["rung"], r["step"]) for r in rows] == [(ladder.RUNGS[0][0], 2)]  # ... and step 3 is not scored as 4
+    assert not (tmp_path / "04_dit" / "ladder-1").exists()
+    with pytest.raises(UserError, match="--resume.*--name"):  # the same command again: told what to do, up front
+        ladder.main(args)
+    monkeypatch.setattr(ladder, "train_main", real)
+    rows = ladder.main(args + ["--resume"])
+    assert [(r["rung"], r["step"]) for r in rows] == [(name, s) for name, _ in ladder.RUNGS[:2] for s in (2, 4)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared import UserError, checkpoint
-from shared.checkpoint import export_weights, load_checkpoint, provenance, save_checkpoint
+from shared.checkpoint import export_weights, load_checkpoint, load_error, provenance, save_checkpoint
 
 
 def _payload(value: float) -> dict:
@@ -86,3 +86,15 @@ def test_export_keeps_one_set_of_weights(tmp_path):
     small = load_checkpoint(path, "00_toy")
     assert "optimizer" not in small and small["model"]["w"].dtype == torch.float16
     assert torch.equal(small["model"]["w"].float(), torch.full((3,), 0.5))  # EMA weights by default
+
+
+def test_load_error_names_the_cause_not_the_header():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(RuntimeError) as wrong_shape:
+        model.load_state_dict(torch.nn.Linear(4, 2).state_dict())
+    assert str(wrong_shape.value).startswith("Error(s) in loading state_dict for Linear")
+    assert load_error(wrong_shape.value).startswith("size mismatch for weight: copying a param with shape")
+    with pytest.raises(RuntimeError) as missing:
+        model.load_state_dict({"weight": model.weight})
+    assert load_error(missing.value).startswith('Missing key(s) in state_dict: "bias"')
+    assert load_error(KeyError("config")) == "'config'"

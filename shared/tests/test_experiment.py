@@ -13,7 +13,18 @@ import torch
 import toy_train
 
 from shared import UserError
-from shared.cli import SEED_MAX, TrainingDiverged, arg, check_seed, config_from_preset, parse_config, validate
+from shared.cli import (
+    SEED_MAX,
+    TrainingDiverged,
+    arg,
+    check_seed,
+    config_from_preset,
+    output_dir,
+    output_file,
+    parse_config,
+    run_entry,
+    validate,
+)
 from shared.experiment import find_checkpoint
 from shared.testing import checkpoints_equal, run_interrupted_and_straight, run_script, same_training
 
@@ -71,6 +82,31 @@ def test_an_existing_run_is_not_overwritten(smoke):
     toy_train.main(dataclasses.replace(smoke, run_name="once", steps=2))
     with pytest.raises(UserError, match="already holds a run"):
         toy_train.main(dataclasses.replace(smoke, run_name="once", steps=2))
+
+
+def test_run_and_resume_mistakes_are_refused_before_anything_is_written(smoke, tmp_path):
+    for name in ("../escaped", str(tmp_path / "absolute")):
+        with pytest.raises(UserError, match="not a path out of it"):
+            toy_train.main(dataclasses.replace(smoke, run_name=name, steps=2))
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute").exists()
+    toy_train.main(dataclasses.replace(smoke, run_name="done", steps=4))
+    with pytest.raises(UserError, match="--steps 2 is below the step 4"):
+        toy_train.main(dataclasses.replace(smoke, run_name="done", steps=2, resume="auto"))
+    assert json.loads((tmp_path / "00_toy/done/config.json").read_text())["steps"] == 4  # not rewritten
+    exported = tmp_path / "exported" / "weights.pt"  # weights only, as pretrained/mnist.pt: nothing to resume
+    exported.parent.mkdir()
+    ckpt = torch.load(tmp_path / "00_toy/done/ckpt.pt", weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, exported)
+    with pytest.raises(UserError, match="holds no 'optimizer' state"):
+        toy_train.main(dataclasses.replace(smoke, resume=str(exported)))
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["weights.pt"]  # no config.json beside it
+
+
+def test_a_resumed_run_records_the_folder_it_continues_in(smoke, tmp_path):
+    toy_train.main(dataclasses.replace(smoke, run_name="here", stop_at=5))
+    toy_train.main(dataclasses.replace(smoke, run_name="elsewhere", resume=str(tmp_path / "00_toy/here")))
+    assert json.loads((tmp_path / "00_toy/here/config.json").read_text())["run_name"] == "here"
+    assert not (tmp_path / "00_toy/elsewhere").exists()
 
 
 def test_resume_takes_the_checkpoint_config_and_explicit_flags_win(smoke, tmp_path):
@@ -272,3 +308,23 @@ def test_every_stage_and_script_refuses_a_seed_torch_cannot_take(smoke):
     for bad in (-1, SEED_MAX + 1):
         with pytest.raises(UserError, match="--seed must be in"):
             check_seed(bad)
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path):
+    assert output_file(tmp_path / "new" / "deep" / "x.json", "--json") == tmp_path / "new" / "deep" / "x.json"
+    assert (tmp_path / "new" / "deep").is_dir()  # made now, so the write at the end can't fail on it
+    (tmp_path / "afile").write_text("")
+    for bad, match in ((tmp_path, "a folder, not a file path"), (tmp_path / "afile" / "x.json", "can.t create")):
+        with pytest.raises(UserError, match=match):
+            output_file(bad, "--json")
+    assert output_dir(tmp_path / "figs", "--out").is_dir()
+    with pytest.raises(UserError, match="--out .*afile: can't create this folder"):
+        output_dir(tmp_path / "afile", "--out")
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_:
+        run_entry(interrupted)
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
