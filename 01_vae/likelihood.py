@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_seed(args.seed)
+    if args.num_test > 10_000:
+        raise UserError(f"--num-test must be at most 10000 (the test split), got {args.num_test}")
     if args.json:  # now, not after the hours that --k 5000 can take
         output_file(args.json, "--json")
     device = choose_device(args.device)

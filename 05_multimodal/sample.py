@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     check_sample_args(args)
     check_guidance_args(args)
+    if args.interpolate and (args.prompt or args.prompts_file):
+        raise UserError("--interpolate A B takes its two prompts itself; drop --prompt / --prompts-file")
+    if args.interpolate and args.num_samples < 2:
+        raise UserError(f"--interpolate needs --num-samples of at least 2 (A and B), got {args.num_samples}")
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, STAGE_DIR, args.ckpt)
     model, tok, train_cfg = load_model(path, device, args.weights)

@@ -151,6 +151,9 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "01_vae" in one_line_exit(capsys, sample_script.main, ["--ckpt", str(foreign)])
     assert "no such" in one_line_exit(capsys, sample_script.main, ["--ckpt", str(tmp_path / "missing.pt")])
     assert ".npz" in one_line_exit(capsys, sample_script.main, ["--out", "x.png"])
+    walk = ["--interpolate", "a 1", "a 7"]
+    assert "drop --prompt" in one_line_exit(capsys, sample_script.main, [*walk, "--prompt", "a 2"])
+    assert "at least 2" in one_line_exit(capsys, sample_script.main, [*walk, "--num-samples", "1"])
     pretrained = str(STAGE_DIR / "pretrained" / "mnist.pt")  # raw weights only: --weights ema must not fall back
     for script in (sample_script, evaluate_script):
         bad = lambda *flags, main=script.main: one_line_exit(capsys, main, ["--ckpt", pretrained, *flags])  # noqa: E731
