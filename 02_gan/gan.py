@@ -54,9 +54,16 @@ GENERATOR_LOSSES = {"minimax": generator_loss_minimax, "nonsaturating": generato
 
 def optimal_discriminator(p_data: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:
     """Proposition 1: for fixed G the best D is D*_G(x) = p_data(x) / (p_data(x) + p_g(x)); where both
-    densities are 0 any D is optimal, and 1/2 is returned."""
+    densities are 0 any D is optimal, and 1/2 is returned.
+
+    Where both densities are positive D* lies strictly inside (0, 1), and it is kept inside [eps, 1 - eps] (eps:
+    the dtype's machine epsilon): where one density is below eps times the other the quotient rounds to exactly 1
+    (or 0), and log(1 - D*) would be -inf although p_g > 0 there. The clamp changes V by less than 37 eps per unit
+    of probability mass. D* stays exactly 1 (or 0) where only p_data (or only p_g) lives."""
     total = p_data + p_g
-    return torch.where(total > 0, p_data / total.clamp(min=torch.finfo(total.dtype).tiny), 0.5)  # Eq. (2)
+    eps = torch.finfo(total.dtype).eps
+    d = torch.where(total > 0, p_data / total.clamp(min=torch.finfo(total.dtype).tiny), 0.5)  # Eq. (2)
+    return torch.where((p_data > 0) & (p_g > 0), d.clamp(eps, 1 - eps), d)
 
 
 def value_on_grid(d: torch.Tensor, p_data: torch.Tensor, p_g: torch.Tensor, dx: float) -> torch.Tensor:

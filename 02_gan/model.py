@@ -128,7 +128,8 @@ class MaxoutDiscriminator(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 
 def dcgan_init(module: nn.Module) -> None:
-    """DCGAN §4: all weights from N(0, 0.02); batch-norm scales from N(1, 0.02), shifts zero."""
+    """DCGAN §4: all weights from N(0, 0.02). Batch-norm scales from N(1, 0.02), shifts zero: the paper does not
+    say; this is what the authors' released code does."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, 0.02)

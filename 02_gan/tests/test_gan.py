@@ -37,9 +37,17 @@ def test_optimal_discriminator_is_the_pointwise_argmax():
     assert torch.allclose(brute, optimal_discriminator(a, b), atol=2e-4)
 
 
+def test_value_at_the_optimum_is_finite_where_one_density_dwarfs_the_other():
+    """Far in N(0, 1)'s tails next to N(1.5, 0.7), p_g / p_data < 1e-16: D* = p_data / (p_data + p_g) rounds to 1
+    in float64, and log(1 - D*) must still not make V(G, D*) = -inf."""
+    p_data, p_g = normal_pdf(GRID, 0.0, 1.0), normal_pdf(GRID, 1.5, 0.7)
+    v_star = value_on_grid(optimal_discriminator(p_data, p_g), p_data, p_g, DX)
+    assert float(v_star) == pytest.approx(float(virtual_training_criterion(p_data, p_g, DX)), abs=1e-9)
+
+
 def test_optimal_discriminator_maximises_the_value():
     d_star = optimal_discriminator(P_DATA, P_G)
-    v_star = value_on_grid(d_star.clamp(1e-12, 1 - 1e-12), P_DATA, P_G, DX)
+    v_star = value_on_grid(d_star, P_DATA, P_G, DX)
     g = torch.Generator().manual_seed(0)
     for _ in range(5):  # any other discriminator does worse
         logit = torch.logit(d_star.clamp(1e-9, 1 - 1e-9)) + 0.5 * torch.randn(1, generator=g, dtype=torch.float64)
