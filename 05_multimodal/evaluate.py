@@ -168,7 +168,7 @@ def binding_scores(images: torch.Tensor, attributes: list[str], low_side: torch.
         m = measure(halves[idx].flatten(0, 1)).view(-1, 2)  # (k, 2) = (left, right)
         low = m.gather(1, low_side[idx, None])[:, 0]
         high = m.gather(1, 1 - low_side[idx, None])[:, 0]
-        scores[name] = ((low < high).float() + 0.5 * (low == high).float()).mean().item()  # Eq. (12)
+        scores[name] = ((low < high).float() + 0.5 * (low == high).float()).mean().item()  # Eq. (11)
     return scores
 
 

@@ -169,16 +169,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 def sincos_positions(n: int, dim: int) -> torch.Tensor:
-    """Eq. (11): fixed positions 0..n-1 as sinusoids (Vaswani et al. 2017): (n, dim), each row of norm
+    """Eq. (12): fixed positions 0..n-1 as sinusoids (Vaswani et al. 2017): (n, dim), each row of norm
     sqrt(dim / 2), about the norm of the token states they are added to, so position is heard from the first step."""
-    return timestep_embedding(torch.arange(n) / 1000, dim)  # Eq. (11); n goes in as n/1000, as it scales by 1000
+    return timestep_embedding(torch.arange(n) / 1000, dim)  # Eq. (12); n goes in as n/1000, as it scales by 1000
 
 
 def sincos_positions_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
-    """Eq. (11), 2-D: half the channels encode the row, half the column: (1, rows * cols, dim)."""
+    """Eq. (12), 2-D: half the channels encode the row, half the column: (1, rows * cols, dim)."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return torch.cat([timestep_embedding(r.flatten() / 1000, dim // 2),
-                      timestep_embedding(c.flatten() / 1000, dim // 2)], dim=-1)[None]  # Eq. (11): [P(r), P(c)]
+                      timestep_embedding(c.flatten() / 1000, dim // 2)], dim=-1)[None]  # Eq. (12): [P(r), P(c)]
 
 
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -272,10 +272,10 @@ class MMDiT(nn.Module):
                 pooled: torch.Tensor) -> torch.Tensor:
         """z (B, C, H, W), t (B,), states (B, Lt, text_width), keep_text (B, Lt) bool, pooled (B, text_width)."""
         B = z.shape[0]
-        h_img = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_emb  # Eq. (11) when sin-cos; (B, N, D)
+        h_img = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_emb  # Eq. (12) when sin-cos; (B, N, D)
         h_txt = self.text_in(states)  # (B, Lt, D)
         if self.text_pos is not None:  # which word came first: our mini-CLIP's states hardly say (README)
-            h_txt = h_txt + self.text_pos[:, : h_txt.shape[1]]  # Eq. (11) when sin-cos
+            h_txt = h_txt + self.text_pos[:, : h_txt.shape[1]]  # Eq. (12) when sin-cos
         c = self.t_mlp(timestep_embedding(t, 256)) + self.y_mlp(pooled)  # adaLN input: timestep + pooled text
         keep = torch.cat([keep_text, keep_text.new_ones(B, h_img.shape[1])], dim=1)  # (B, Lt + N)
         for block in self.blocks:
