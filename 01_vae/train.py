@@ -48,6 +48,7 @@ class TrainConfig(CommonConfig):
     beta: float = arg(1.0, "weight of the KL term; NOT IN THE PAPER (beta-VAE, Higgins et al. 2017), which is 1")
     eval_examples: int = arg(10_000, "test images the ELBO is measured on at each --sample-every", min=1)
     optimizer: str = arg("adam", "adam, or adagrad as in the paper (§5)", ("adam", "adagrad"))
+    warmup: int = arg(0, "linear learning-rate warm-up over the first N steps; NOT IN THE PAPER (0: none)")
     weight_decay: float = arg(0.0, "L2 weight decay; the paper's N(0, I) prior on the weights is 1/60000 per "
                               "image (the paper preset)", min=0.0)
     init_std: float = arg(0.0, "draw every parameter from N(0, init_std^2), the paper's 0.01 (0: PyTorch's "
@@ -127,6 +128,9 @@ def main(cfg: TrainConfig):
                     loss = -(terms["wake"] + terms["sleep"]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.warmup:
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, step / cfg.warmup)
             opt.step()
             run.log(step, loss=loss, elbo=terms["elbo"].mean(), rec=terms["rec"].mean(), kl=terms["kl"].mean())
             if run.every(cfg.sample_every, step):

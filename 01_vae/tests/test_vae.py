@@ -270,6 +270,17 @@ def test_resume_is_bit_identical(tmp_path):
     assert same_training(straight, resumed) == []  # and the step, the RNG states and the rest of the checkpoint
 
 
+def test_warmup_ramps_the_learning_rate_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train.main(smoke_cfg(steps=12, warmup=8, lr=1e-3, sample_every=0, run_name="ramp", stop_at=3))
+    ckpt = torch.load(tmp_path / "01_vae" / "ramp" / "ckpt.pt", weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 3 / 8)  # step 3 of 8
+    straight, resumed = run_interrupted_and_straight(train.main, smoke_cfg(steps=12, warmup=8, sample_every=0),
+                                                     stop_at=5, experiments=tmp_path / "pair")
+    assert same_training(straight, resumed) == []
+    assert straight["optimizer"]["param_groups"][0]["lr"] == pytest.approx(straight["config"]["lr"])  # ramp over
+
+
 def test_resume_is_bit_identical_with_the_papers_adagrad_and_weight_decay(tmp_path):
     cfg = smoke_cfg(steps=8, ckpt_every=3, sample_every=0, optimizer="adagrad", lr=0.02, weight_decay=1e-3,
                     init_std=0.01)
