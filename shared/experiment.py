@@ -289,7 +289,7 @@ class Run:
         """Write the averaged scalars now (plus ``extra`` values such as an evaluation score). Under torchrun the
         average is over every rank's steps, so the row describes the whole batch and every rank reaches the same
         verdict on a non-finite value."""
-        row = self._window_means(step)
+        row = self._window_means()
         row.update({k: float(v) for k, v in extra.items()})
         self._sums, self._counts = {}, {}
         self._check_finite(row, step)
@@ -302,7 +302,7 @@ class Run:
             self._rows += 1
         return row
 
-    def _window_means(self, step: int) -> dict[str, float]:
+    def _window_means(self) -> dict[str, float]:
         """The mean of every scalar over the logging window (and over every rank under torchrun)."""
         keys = list(self._sums)
         sums, counts = [float(self._sums[k]) for k in keys], [float(self._counts[k]) for k in keys]
@@ -325,7 +325,7 @@ class Run:
         """Atomically write the state of ``objects`` (name -> module/optimizer/...), the RNG and provenance."""
         # Never save weights that a NaN has already reached. The open logging window is checked, not written: the
         # checkpoint carries it, so a resumed run logs the same rows as one that never stopped.
-        self._check_finite(self._window_means(self.step), self.step)
+        self._check_finite(self._window_means(), self.step)
         for name, obj in objects.items():  # a finite loss can still be followed by a step that made NaN weights
             if isinstance(obj, torch.nn.Module) and not all(
                     torch.isfinite(t).all() for t in _unwrap(obj).state_dict().values() if t.is_floating_point()):
