@@ -69,7 +69,7 @@ def reached_step(run_dir: Path) -> int:
     return int(load_checkpoint(path, STAGE)["step"]) if path.is_file() else 0
 
 
-def same_training(cfg: TrainConfig, run_dir: Path) -> bool:
+def trained_with(cfg: TrainConfig, run_dir: Path) -> bool:
     """Whether the run in ``run_dir`` was trained with ``cfg`` (its step count and per-invocation flags aside)."""
     path = run_dir / "config.json"
     if not path.is_file():
@@ -172,7 +172,7 @@ def main(argv=None):
         if any(r.get(k) != v for r in rows for k, v in scoring.items()):
             raise UserError(f"--resume: {out / 'ladder.json'} was scored with other --num-samples, --sample-steps "
                             f"or --cfg-scale; resume with the flags it was started with")
-    if args.resume and not all(same_training(cfg, stage_dir / cfg.run_name) for _, cfg in rungs):
+    if args.resume and not all(trained_with(cfg, stage_dir / cfg.run_name) for _, cfg in rungs):
         raise UserError(f"--resume: the runs of ladder {args.name!r} were trained with other settings (another "
                         f"--preset?); resume with the flags it was started with")
     for name, cfg in rungs if args.resume else []:  # a run can't go back to a step count it has no score for
