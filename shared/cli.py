@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +190,11 @@ def output_dir(path: str | Path, flag: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{flag} {path}: can't create this folder ({err.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{flag} {path}: not a writable folder")
+    try:  # as in output_file: only a write tells (os.access passes for root on read-only places)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: not a writable folder ({err.strerror})") from None
     return path
 
 

@@ -320,6 +320,11 @@ def test_output_paths_are_checked_before_the_work(tmp_path):
     assert output_dir(tmp_path / "figs", "--out").is_dir()
     with pytest.raises(UserError, match="--out .*afile: can't create this folder"):
         output_dir(tmp_path / "afile", "--out")
+    if Path("/proc/sys").is_dir():  # read-only even for root, whom os.access would let through
+        with pytest.raises(UserError, match="not a writable folder"):
+            output_dir("/proc/sys", "--out")
+        with pytest.raises(UserError, match="not a writable file path"):
+            output_file("/proc/x.npz", "--out")
 
 
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
