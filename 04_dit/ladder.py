@@ -27,7 +27,7 @@ from diffusion import sample
 from train import PRESETS, STAGE, TrainConfig
 from train import main as train_main
 
-from shared import UserError
+from shared import UserError, experiment
 from shared.checkpoint import load_checkpoint
 from shared.cli import PER_INVOCATION, config_from_preset, one_line_error, run_entry
 from shared.experiment import CKPT_NAME, experiments_dir
@@ -182,6 +182,7 @@ def main(argv=None):
                             f"no score for; keep the --eval-at it was started with")
 
     stopped = ""
+    hint, experiment.RESUME_HINT = experiment.RESUME_HINT, ""  # resuming one rung alone would leave it unscored
     try:
         for name, cfg in rungs:
             for steps in eval_at:  # resume the same run to each step count: one run, scored on the way
@@ -202,6 +203,8 @@ def main(argv=None):
                 break
     except KeyboardInterrupt:  # a second Ctrl-C in training, or one while sampling or scoring
         stopped = "interrupted"
+    finally:
+        experiment.RESUME_HINT = hint
     if rows:
         table = save_ladder(rows, eval_at, out)
         print(table)

@@ -70,9 +70,17 @@ def prepare_mnist(root: Path = DATA_ROOT) -> Path:
 
 
 def _torchvision_download(cls, root: Path, train: bool, folder: str):
+    # torchvision makes its folders before it downloads; a failed download must not leave them behind, empty,
+    # for the user to mistake for a dataset
+    made = [p for p in (Path(folder), *Path(folder).parents) if not (root / p).exists()]
     try:
         return cls(str(root), train=train, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError too
+        for path in made:  # deepest first; a folder that now holds something stays
+            try:
+                (root / path).rmdir()
+            except OSError:
+                pass
         raise UserError(
             f"could not download {cls.__name__} ({type(err).__name__}); with no internet, put its files in "
             f"{root / folder} yourself, or use --dataset mnist (bundled)"

@@ -44,6 +44,9 @@ from shared.images import plot_curves, read_metrics, save_grid
 from shared.runtime import choose_device, ddp_setup, ddp_teardown, print0, rng_state, seed_everything, set_rng_state
 
 CKPT_NAME = "ckpt.pt"
+# printed when a run stops early; a script that drives train.py itself (04_dit/ladder.py) blanks it and says how
+# to continue the whole script instead
+RESUME_HINT = "continue with: python train.py --resume {ckpt}"
 
 
 def experiments_dir() -> Path:
@@ -164,8 +167,8 @@ class Run:
             plot_curves(read_metrics(self.metrics_path), self.dir / "loss.png", title=self.stage)
             how = f"stopped early ({self.stop_reason})" if self.stop_reason else "finished"
             print0(f"{self.stage}: {how} at step {self.step}; outputs in {self.dir}")
-            if self.stop_reason:
-                print0(f"continue with: python train.py --resume {self.ckpt_path}")
+            if self.stop_reason and RESUME_HINT:
+                print0(RESUME_HINT.format(ckpt=self.ckpt_path))
         ddp_teardown(barrier=exc_type is None)
         return False
 

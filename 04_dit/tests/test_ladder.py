@@ -63,7 +63,9 @@ def test_stopped_ladder_keeps_its_rows_stops_and_resumes(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as exit_:
         ladder.main(args)
     assert exit_.value.code == 130  # the whole ladder stops: rung 1 never starts
-    assert "--resume" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "python ladder.py" in said.err and "--resume" in said.err  # how to continue the ladder ...
+    assert "train.py --resume" not in said.out + said.err  # ... not the one rung, which would go unscored
     out = tmp_path / "04_dit" / "ladder"
     rows = json.loads((out / "ladder.json").read_text())  # the row scored before the stop is kept ...
     assert [(r["rung"], r["step"]) for r in rows] == [(ladder.RUNGS[0][0], 2)]  # ... and step 3 is not scored as 4

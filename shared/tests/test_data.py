@@ -2,6 +2,7 @@ import gzip
 import hashlib
 import multiprocessing
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,12 +32,19 @@ def test_mnist_loads_with_standard_sizes_and_label_counts(train, n, counts):
 def test_offline_download_is_one_clear_error(monkeypatch, tmp_path):
     import torchvision.datasets as tvd
 
-    def offline(*args, **kwargs):
+    def offline(root, **kwargs):
+        (Path(root) / "FashionMNIST" / "raw").mkdir(parents=True)  # as torchvision does before it downloads
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     monkeypatch.setattr(tvd, "FashionMNIST", offline)
     with pytest.raises(UserError, match="FashionMNIST/raw"):
         load_images("fashion-mnist", root=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no empty folders left to look like a dataset
+    (tmp_path / "FashionMNIST").mkdir()
+    (tmp_path / "FashionMNIST" / "notes.txt").write_text("the user's")
+    with pytest.raises(UserError):
+        load_images("fashion-mnist", root=tmp_path)
+    assert [p.name for p in (tmp_path / "FashionMNIST").iterdir()] == ["notes.txt"]
     with pytest.raises(UserError, match="unknown dataset"):
         load_images("imagenet")
 
