@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,81 @@ def missing_readme_references(stage_dir: Path) -> list[str]:
         if not found:
             missing.append(f"{file}::{name}")
     return missing
+
+
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
+# a command line of an indented code block, with its \-continued lines
+INDENTED = re.compile(r"^ {4,}(?:\w+=\S+ +|nice -n \d+ +)*(?:python3?|torchrun) (?:[^\n]*\\\n)*[^\n]*", re.M)
+COMMAND = re.compile(r"(?:python3?|torchrun(?: --\S+)*) (-m shared\.\w+|\w+\.py)\b((?: +[^ ]+)*)")
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$|[$<>{}\[\]]")  # CKPT, N, $s, <file>, [--steps 100]: a template
+
+
+def readme_commands(stage_dir: Path) -> list[tuple[str, list[str]]]:
+    """Every ``python SCRIPT ARGS`` (or ``python -m shared.X ARGS``) in the stage README's code, as (script, argv),
+    SCRIPT a file of the stage. Code spans may wrap across lines; code blocks (fenced or indented) are shell
+    sessions (``\\`` continues a line, ``#`` starts a comment). Templates (CKPT, N, $s, [--flag]) are left out;
+    ``…`` stands for a path."""
+    readme = (stage_dir / "README.md").read_text()
+    prose = FENCE.sub("", readme)
+    lines = []
+    for block in FENCE.findall(readme) + INDENTED.findall(prose):
+        lines += re.sub(r"(^|\s)#.*", "", block.replace("\\\n", " "), flags=re.M).splitlines()
+    lines += [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", INDENTED.sub("", prose))]
+    commands = set()
+    for line in lines:
+        for segment in re.split(r"&&|;|\||\(|\)", line):
+            for script, rest in COMMAND.findall(segment):
+                argv = shlex.split(rest.replace("…", "x"))
+                if (script.startswith("-m") or (stage_dir / script).is_file()) and \
+                        not any(PLACEHOLDER.search(a) for a in argv):
+                    commands.add((script, tuple(argv)))
+    return [(script, list(argv)) for script, argv in sorted(commands)]
+
+
+class _Parsed(Exception):
+    pass
+
+
+def readme_commands_that_fail(stage_dir: Path) -> list[str]:
+    """The README commands whose flags the script rejects: each is parsed (and, for a training script, its
+    config validated) exactly as a run would, but nothing runs. Call from the stage folder's test process."""
+    import argparse
+    import contextlib
+    import importlib
+    import inspect
+    import io
+
+    from shared import UserError
+    from shared.cli import build_parser, config_from_preset, validate
+
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        raise _Parsed(parse_args(self, args, namespace))
+
+    failed = []
+    for script, argv in readme_commands(stage_dir):
+        module = importlib.import_module(script[3:] if script.startswith("-m ") else script[:-3])
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                if "cfg" in inspect.signature(module.main).parameters:  # train.py: main(cfg), parse_config's work
+                    given = vars(build_parser(module.TrainConfig, module.PRESETS, "").parse_args(argv))
+                    cfg = config_from_preset(module.TrainConfig, module.PRESETS, given.get("preset", "default"))
+                    given.pop("resume", None)  # would load the checkpoint named
+                    validate(dataclasses.replace(cfg, **given))
+                    continue
+                argparse.ArgumentParser.parse_args = parse_and_stop
+                try:
+                    module.main(argv)
+                finally:
+                    argparse.ArgumentParser.parse_args = parse_args
+                failed.append(f"python {script} {' '.join(argv)}: ran without parsing its arguments")
+        except _Parsed:
+            pass
+        except (SystemExit, UserError) as err:
+            failed.append(f"python {script} {' '.join(argv)}: {said.getvalue().strip() or err}")
+    return failed
 
 
 def _same(a, b) -> bool:

@@ -35,6 +35,7 @@ from shared.data import synthetic_images
 from shared.testing import (
     checkpoints_equal,
     missing_readme_references,
+    readme_commands_that_fail,
     run_interrupted_and_straight,
     run_script,
     same_training,
@@ -435,6 +436,10 @@ def test_likelihood_and_figures_cli_errors_exit_2_with_one_line(script, args, ca
 
 def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
+
+
+def test_readme_commands_parse():  # every command a reader may copy still takes its flags
+    assert readme_commands_that_fail(STAGE_DIR) == []
 
 
 def test_default_preset_matches_dataclass_defaults():

@@ -22,7 +22,13 @@ from train import (
 from shared import UserError
 from shared.checkpoint import provenance, save_checkpoint
 from shared.cli import config_from_preset, parse_config
-from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+from shared.testing import (
+    checkpoints_equal,
+    missing_readme_references,
+    readme_commands_that_fail,
+    run_interrupted_and_straight,
+    run_script,
+)
 
 STAGE_DIR = __import__("pathlib").Path(__file__).parents[1]
 
@@ -318,6 +324,10 @@ def test_out_of_range_hyperparameters_are_user_errors(flag, value):
 def test_readme_references_exist():
     assert (STAGE_DIR / "README.md").is_file()
     assert missing_readme_references(STAGE_DIR) == []
+
+
+def test_readme_commands_parse():  # every command a reader may copy still takes its flags
+    assert readme_commands_that_fail(STAGE_DIR) == []
 
 
 def test_dataclass_defaults_are_the_default_preset():

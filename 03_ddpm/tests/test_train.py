@@ -16,7 +16,13 @@ from model import build_unet
 from shared.checkpoint import provenance, save_checkpoint
 from shared.cli import config_from_preset, parse_config, run_entry, validate
 from shared.data import load_images, to_symmetric
-from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+from shared.testing import (
+    checkpoints_equal,
+    missing_readme_references,
+    readme_commands_that_fail,
+    run_interrupted_and_straight,
+    run_script,
+)
 
 STAGE_DIR = Path(__file__).parents[1]
 TINY = dict(dataset="synthetic", model="tiny", timesteps=50, batch_size=8, warmup=2, sample_every=0,
@@ -219,3 +225,7 @@ def test_asset_tables_are_json_documents():
 
 def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
+
+
+def test_readme_commands_parse():  # every command a reader may copy still takes its flags
+    assert readme_commands_that_fail(STAGE_DIR) == []

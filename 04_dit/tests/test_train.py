@@ -12,7 +12,13 @@ from shared import UserError
 from shared.checkpoint import save_checkpoint
 from shared.cli import config_from_preset, parse_config
 from shared.data import load_images, to_symmetric
-from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+from shared.testing import (
+    checkpoints_equal,
+    missing_readme_references,
+    readme_commands_that_fail,
+    run_interrupted_and_straight,
+    run_script,
+)
 
 STAGE_DIR = Path(__file__).parents[1]
 
@@ -134,3 +140,7 @@ def test_pretrained_weights_load_and_are_small():
 
 def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
+
+
+def test_readme_commands_parse():  # every command a reader may copy still takes its flags
+    assert readme_commands_that_fail(STAGE_DIR) == []

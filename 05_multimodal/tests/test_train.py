@@ -14,7 +14,13 @@ from shared import UserError
 from shared.checkpoint import load_checkpoint
 from shared.cli import config_from_preset, parse_config, run_entry
 from shared.data import load_images
-from shared.testing import checkpoints_equal, missing_readme_references, run_interrupted_and_straight, run_script
+from shared.testing import (
+    checkpoints_equal,
+    missing_readme_references,
+    readme_commands_that_fail,
+    run_interrupted_and_straight,
+    run_script,
+)
 
 STAGE_DIR = Path(__file__).parents[1]
 TINY = dict(steps=8, clip_steps=4, batch_size=16, sample_steps=2, log_every=2)
@@ -195,6 +201,10 @@ def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch, capsys):
 
 def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
+
+
+def test_readme_commands_parse():  # every command a reader may copy still takes its flags
+    assert readme_commands_that_fail(STAGE_DIR) == []
 
 
 @pytest.mark.parametrize("two_digit, image_pos", [(True, "learned"), (True, "auto"), (False, "auto")])

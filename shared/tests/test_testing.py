@@ -1,0 +1,47 @@
+import textwrap
+
+from shared.testing import readme_commands, readme_commands_that_fail
+
+SCRIPT = '''
+import argparse
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--prompt", default="")
+    parser.parse_args(argv)
+    raise AssertionError("the check must not run the script")
+'''
+
+README = '''
+Train with `python readme_demo_tool.py --steps
+20` (a span wrapped across lines), or `python readme_demo_tool.py --prompt "a thick 7" && python x.py`.
+
+```bash
+python readme_demo_tool.py --steps 30 \\
+    --prompt one  # a comment, not an argument
+python readme_demo_tool.py --steps N   # a template
+python readme_demo_tool.py --stepz 5
+```
+The old flag `python readme_demo_tool.py --steps five` fails too. An indented block:
+
+    cd stage
+    OMP_NUM_THREADS=1 python readme_demo_tool.py --steps 40 \\
+        --prompt two   # the second line of one command
+'''
+
+
+def test_readme_commands_are_found_joined_and_checked(tmp_path, monkeypatch):
+    (tmp_path / "readme_demo_tool.py").write_text(SCRIPT)
+    (tmp_path / "README.md").write_text(textwrap.dedent(README))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    script = "readme_demo_tool.py"
+    assert readme_commands(tmp_path) == [  # x.py is not a file of the stage; the template is left out
+        (script, ["--prompt", "a thick 7"]), (script, ["--steps", "20"]),
+        (script, ["--steps", "30", "--prompt", "one"]), (script, ["--steps", "40", "--prompt", "two"]),
+        (script, ["--steps", "five"]), (script, ["--stepz", "5"])]
+    failed = readme_commands_that_fail(tmp_path)
+    assert len(failed) == 2, failed
+    assert "--steps five: " in failed[0] and "invalid int value: 'five'" in failed[0]
+    assert "--stepz 5: " in failed[1] and "unrecognized arguments: --stepz" in failed[1]
