@@ -52,11 +52,14 @@ PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$|[$<>{}\[\]]")  # CKPT, N, $s, <file>, 
 
 
 def readme_commands(stage_dir: Path) -> list[tuple[str, list[str]]]:
-    """Every ``python SCRIPT ARGS`` (or ``python -m shared.X ARGS``) in the stage README's code, as (script, argv),
-    SCRIPT a file of the stage. Code spans may wrap across lines; code blocks (fenced or indented) are shell
-    sessions (``\\`` continues a line, ``#`` starts a comment). Templates (CKPT, N, $s, [--flag]) are left out;
-    ``…`` stands for a path."""
+    """Every ``python SCRIPT ARGS`` (or ``python -m shared.X ARGS``) in the stage README's code and in the rows of
+    the top-level README's results table for the stage, as (script, argv), SCRIPT a file of the stage. Code spans
+    may wrap across lines; code blocks (fenced or indented) are shell sessions (``\\`` continues a line, ``#``
+    starts a comment). Templates (CKPT, N, $s, [--flag]) are left out; ``…`` stands for a path."""
     readme = (stage_dir / "README.md").read_text()
+    if stage_dir.resolve().parent == REPO_ROOT:  # and the rows of the top-level results table for this stage
+        rows = (REPO_ROOT / "README.md").read_text().splitlines()
+        readme += "\n\n" + "\n".join(row for row in rows if row.startswith(f"| `{stage_dir.name}`"))
     prose = FENCE.sub("", readme)
     lines = []
     for block in FENCE.findall(readme) + INDENTED.findall(prose):

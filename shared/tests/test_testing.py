@@ -45,3 +45,11 @@ def test_readme_commands_are_found_joined_and_checked(tmp_path, monkeypatch):
     assert len(failed) == 2, failed
     assert "--steps five: " in failed[0] and "invalid int value: 'five'" in failed[0]
     assert "--stepz 5: " in failed[1] and "unrecognized arguments: --stepz" in failed[1]
+
+
+def test_top_readme_shared_commands_parse():  # the stages' tests check the results table's rows for their stage
+    from shared import REPO_ROOT
+
+    commands = readme_commands(REPO_ROOT)
+    assert {script for script, _ in commands} >= {"-m shared.evaluate", "-m shared.classifier", "-m shared.testing"}
+    assert readme_commands_that_fail(REPO_ROOT) == []
