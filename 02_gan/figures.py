@@ -7,11 +7,13 @@ nearest.png     samples beside their nearest training images in pixel space (the
 interpolation.png  G along straight lines in z (the paper's Fig. 3)
 d_outputs.png   mean D(x) and D(G(z)) over training; Theorem 1's equilibrium is D = 1/2
 grad_norms.png  why the minimax generator loss saturates: its gradient against the non-saturating one
+game_summary.json  the numbers the README quotes from those two plots (figures.py::game_summary)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,34 @@ def grad_norms(records: list[dict], out: Path) -> Path:
     return out
 
 
+def game_summary(records: list[dict], early: tuple[int, int] = (100, 250), late: int = 2000) -> dict:
+    """The numbers the README reads off d_outputs.png and grad_norms.png, computed from the run's log: how low
+    D(G(z)) fell early and when, both mean outputs over the last 500 steps, and the ratio of the non-saturating
+    to the minimax gradient norm while D was winning (steps ``early``) and over the last ``late`` steps."""
+    rows = [r for r in records if "d_fake" in r]
+    last = rows[-1]["step"]
+    low = min((r for r in rows if r["step"] <= 1000), key=lambda r: r["d_fake"])
+    tail = [r for r in rows if r["step"] > last - 500]
+    summary = {"last_step": last, "min_d_fake_first_1000": {"step": low["step"], "d_fake": low["d_fake"]},
+               "last_500": {"d_real": float(np.mean([r["d_real"] for r in tail])),
+                            "d_fake": float(np.mean([r["d_fake"] for r in tail]))}}
+    d_fake = {r["step"]: r["d_fake"] for r in rows}  # the norms are logged in rows of their own
+    diag = [r for r in records if "gnorm_minimax" in r and r["step"] in d_fake]
+    for name, part in (("early", [r for r in diag if early[0] <= r["step"] <= early[1]]),
+                       ("late", [r for r in diag if r["step"] > last - late])):
+        if not part:
+            continue
+        ratio = [r["gnorm_nonsaturating"] / r["gnorm_minimax"] for r in part]
+        summary[f"gnorm_ratio_{name}"] = {
+            "steps": [part[0]["step"], part[-1]["step"]], "min": min(ratio), "max": max(ratio),
+            "mean": float(np.mean(ratio)), "median": float(np.median(ratio)),
+            "d_fake_range": [min(d_fake[r["step"]] for r in part), max(d_fake[r["step"]] for r in part)],
+            "d_fake_mean": float(np.mean([d_fake[r["step"]] for r in part])),
+            "at_last": {"step": part[-1]["step"], "minimax": part[-1]["gnorm_minimax"],
+                        "nonsaturating": part[-1]["gnorm_nonsaturating"]}}
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = one_line_error
@@ -134,6 +164,8 @@ def main(argv=None):
     made = [training_gif(run_dir, out / "training.gif"), nearest_neighbours(G, out / "nearest.png"),
             interpolation(G, out / "interpolation.png"), d_outputs(records, out / "d_outputs.png"),
             grad_norms(records, out / "grad_norms.png")]
+    made.append(out / "game_summary.json")
+    made[-1].write_text(json.dumps(game_summary(records), indent=1) + "\n")
     for path in made:
         print(f"{path} ({path.stat().st_size // 1024} KB)")
 

@@ -1,6 +1,7 @@
 """Algorithm 1 in train.py: who each step updates, learning, exact resume, and the command lines."""
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -274,6 +275,25 @@ def test_figures(smoke_run, tmp_path):
     figures.main(["--run", str(smoke_run), "--out", str(tmp_path)])
     for name in ("training.gif", "nearest.png", "interpolation.png", "d_outputs.png", "grad_norms.png"):
         assert (tmp_path / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "game_summary.json").read_text())["last_step"] == 20  # the fixture's run
+
+
+def test_game_summary_reads_the_log():
+    from figures import game_summary
+
+    # D's outputs every 10 steps to 3,000; D(G(z)) dips to 0.05 at step 130; the norms in rows of their own
+    records = [{"step": s, "d_real": 0.7, "d_fake": 0.05 if s == 130 else 0.1 if s <= 300 else 0.3}
+               for s in range(10, 3001, 10)]
+    records += [{"step": s, "gnorm_minimax": 1.0, "gnorm_nonsaturating": 10.0 if s <= 300 else 2.0 + (s % 100 == 0)}
+                for s in range(50, 3001, 50)]
+    summary = game_summary(records)
+    assert summary["min_d_fake_first_1000"] == {"step": 130, "d_fake": 0.05}
+    assert summary["last_500"] == pytest.approx({"d_real": 0.7, "d_fake": 0.3})
+    early, late = summary["gnorm_ratio_early"], summary["gnorm_ratio_late"]
+    assert early["steps"] == [100, 250] and early["min"] == early["max"] == 10.0
+    assert early["d_fake_range"] == [0.1, 0.1] and early["at_last"]["nonsaturating"] == 10.0
+    assert late["steps"] == [1050, 3000] and (late["min"], late["max"], late["median"]) == (2.0, 3.0, 2.5)
+    assert late["mean"] == pytest.approx(2.5) and late["d_fake_mean"] == pytest.approx(0.3)
 
 
 def test_pretrained_weights_load():
