@@ -35,7 +35,7 @@ def lint(session):
 @nox.session(name="tests-shared", venv_backend="none")
 def tests_shared(session):
     session.chdir(ROOT)
-    session.run(PY, "-m", "pytest", "shared/tests", *session.posargs, external=True)
+    session.run(PY, "-m", "pytest", "shared/tests", "benchmarks/tests", *session.posargs, external=True)
 
 
 def _tests(stage):
@@ -73,7 +73,7 @@ def _ddp(stage):
             session.run(*torchrun, "--run-name", "ddp", env=env, external=True)
             import torch
 
-            ckpt = torch.load(os.path.join(tmp, stage, "ddp", "ckpt.pt"), weights_only=True)
+            ckpt = torch.load(os.path.join(tmp, stage, "ddp", "ckpt.pt"), weights_only=True, map_location="cpu")
             steps = ckpt["step"]
             if ckpt["world_size"] != 2 or steps != ckpt["config"]["steps"] or len(ckpt["rng_ranks"]) != 2:
                 session.error(f"expected a finished 2-rank run, got {ckpt['world_size']} ranks at step {steps}")

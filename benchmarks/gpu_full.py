@@ -3,13 +3,17 @@ each, evaluate what they reached with the stage's own evaluation command, and pu
 for the results table into one folder (the device tool brings back at most 8 files, so each stage's outputs
 travel as one .tar.gz).
 
-    python3 benchmarks/gpu_full.py --out $OUT 04_dit:4 03_ddpm:3            # on the GPU machine
-    python3 benchmarks/gpu_full.py --out $OUT 02_gan:3:dcgan-full           # a stage's own preset
+    python3 benchmarks/gpu_full.py --out $OUT 04_dit:2.5 03_ddpm:2 02_gan:1.5:dcgan-full   # on the GPU machine
     python benchmarks/gpu_full.py --out /tmp/g --preset smoke --device cpu --num-samples 100 01_vae:0.2
 
 `STAGE:MINUTES[:PRESET]` trains STAGE (under PRESET instead of `--preset`) with `--max-minutes MINUTES` (the
 run stops cleanly, checkpoints and samples, as at a normal end); the summary records the step reached, the wall
 time, images/s and the evaluation's JSON.
+
+The device tool stops a command after 10 minutes and returns at most 8 files of 16 MiB each, so the whole
+command keeps to `--budget-minutes` (training minutes plus about a minute per stage for start-up, sampling and
+scoring; a stage that would overrun trains for what is left), and a checkpoint too large to travel stays out
+of its stage's archive (the row says so; its metrics, logs and sample grids still come back).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from shared.cli import one_line_error, output_dir, run_entry
 from shared.runtime import DEVICES, choose_device
 
 ROOT = Path(__file__).resolve().parents[1]
+RESERVE_MINUTES = 1.0  # per stage, beside its training: start-up, final checkpoint, 10k samples, scoring
+CKPT_LIMIT = 12 * 2**20  # a larger checkpoint would push its stage's archive past the 16 MiB a file may bring back
 
 # Each stage's evaluation as its README gives it; {ckpt}, {n}, {dev} and {json} are filled in per run.
 EVAL = {
@@ -58,8 +64,10 @@ def run(cmd: list[str], cwd: Path, log) -> float:
     log.flush()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {result.returncode} (see the log)")
+    if result.returncode != 0:  # the log travels in an archive that may not come back: its end goes in the row
+        log.flush()
+        tail = Path(log.name).read_text(errors="replace").replace("\r", "\n").splitlines()[-15:]
+        raise RuntimeError(f"{' '.join(cmd)} exited with {result.returncode}; the log ends:\n" + "\n".join(tail))
     return time.monotonic() - t0
 
 
@@ -87,6 +95,14 @@ def shrink_checkpoint(path: Path, limit: int = 15 * 2**20) -> bool:
     return True
 
 
+def pack(folder: Path, archive: Path, leave_out: Path | None = None) -> Path:
+    """``folder`` as a .tar.gz named after it, without the file ``leave_out``."""
+    skip = str(leave_out.relative_to(folder.parent)) if leave_out is not None else None
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name, filter=lambda info: None if info.name == skip else info)
+    return archive
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = one_line_error
@@ -96,7 +112,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=DEVICES)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     parser.add_argument("--num-samples", type=int, default=10_000, help="samples (01: test images) to evaluate")
+    parser.add_argument("--budget-minutes", type=float, default=9.0,
+                        help="wall-clock minutes for the whole command (the device tool stops one after 10)")
     args = parser.parse_args(argv)
+    t_start = time.monotonic()
     # Everything checkable is checked here, before the first stage's training minutes are spent.
     if args.num_samples <= 0:
         parser.error(f"--num-samples must be positive, got {args.num_samples}")
@@ -112,18 +131,28 @@ def main(argv=None) -> int:
             parser.error(f"{spec!r}: expected STAGE:MINUTES[:PRESET] with STAGE one of {', '.join(EVAL)} and "
                          "MINUTES a positive number")
         plans.append((stage, minutes, preset or args.preset))
+    needed = sum(m for _, m, _ in plans) + RESERVE_MINUTES * len(plans)
+    if needed > args.budget_minutes:
+        parser.error(f"{sum(m for _, m, _ in plans):g} training minutes plus about {RESERVE_MINUTES:g} per stage for "
+                     f"sampling and scoring make {needed:g}, over --budget-minutes {args.budget_minutes:g}; "
+                     "train for less, or raise the budget where no 10-minute limit applies")
     choose_device(args.device)  # a missing GPU is one line now, not the same failure logged for every stage
     output_dir(args.out, "--out")
     work = args.out / "work"
     summary = []
-    for stage, minutes, preset in plans:
+    for i, (stage, minutes, preset) in enumerate(plans):
         name = stage if preset == args.preset else f"{stage}-{preset}"  # one stage may run under two presets
         stage_dir, exp = ROOT / stage, work / name
         exp.mkdir(parents=True, exist_ok=True)
         os.environ["SCRATCHGEN_EXPERIMENTS"] = str(exp)
+        # what is left of the budget, less this stage's and the later stages' reserves
+        left = args.budget_minutes - (time.monotonic() - t_start) / 60 - RESERVE_MINUTES * (len(plans) - i)
+        planned, minutes = minutes, round(max(0.0, min(minutes, left)), 2)
         row = {"stage": stage, "preset": preset, "max_minutes": minutes, "amp": args.amp}
         with open(exp / "log.txt", "w") as log:
             try:
+                if minutes < min(planned, 0.25):  # too little left to be worth training (a short plan is fine)
+                    raise RuntimeError("skipped: the budget is spent (the stages before took longer than planned)")
                 train = [sys.executable, "train.py", "--preset", preset, "--run-name", "gpu", "--device",
                          args.device, "--max-minutes", str(minutes), *(["--amp"] if args.amp else [])]
                 row["train_seconds"] = round(run(train, stage_dir, log), 1)
@@ -143,8 +172,9 @@ def main(argv=None) -> int:
         ckpt = exp / stage / "gpu" / "ckpt.pt"
         if ckpt.is_file() and shrink_checkpoint(ckpt):
             row["optimizer_states_dropped"] = True
-        with tarfile.open(args.out / f"{name}.tar.gz", "w:gz") as tar:
-            tar.add(exp, arcname=name)
+        if ckpt.is_file() and ckpt.stat().st_size > CKPT_LIMIT:
+            row["ckpt_left_out_mib"] = round(ckpt.stat().st_size / 2**20, 1)
+        pack(exp, args.out / f"{name}.tar.gz", leave_out=ckpt if "ckpt_left_out_mib" in row else None)
         summary.append(row)
         print(json.dumps(row), flush=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

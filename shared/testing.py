@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("check", choices=["same-training"])
     parser.add_argument("ckpts", nargs=2, type=Path)
     args = parser.parse_args(argv)
-    a, b = (torch.load(p, weights_only=True) for p in args.ckpts)
+    a, b = (torch.load(p, weights_only=True, map_location="cpu") for p in args.ckpts)  # also GPU-made ones
     differ = same_training(a, b)
     ranks = a.get("world_size", 1)
     if differ:
