@@ -81,7 +81,7 @@ def images_per_second(metrics: Path, batch_size: int) -> float | None:
     return (s1 - s0) * batch_size / (t1 - t0) if s1 > s0 and t1 > t0 else None
 
 
-def shrink_checkpoint(path: Path, limit: int = 15 * 2**20) -> bool:
+def shrink_checkpoint(path: Path, limit: int = CKPT_LIMIT) -> bool:
     """Drop the optimizer states from a checkpoint over ``limit`` bytes so that it can travel back (the
     weights, EMA, config and provenance stay; sampling and evaluation need nothing else)."""
     if path.stat().st_size <= limit:

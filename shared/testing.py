@@ -80,6 +80,16 @@ class _Parsed(Exception):
     pass
 
 
+def without_resume(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--resume X`` (which would load the checkpoint X names)."""
+    out, skip = [], False
+    for a in argv:
+        if not skip and a != "--resume" and not a.startswith("--resume="):
+            out.append(a)
+        skip = a == "--resume"
+    return out
+
+
 def readme_commands_that_fail(stage_dir: Path) -> list[str]:
     """The README commands whose flags the script rejects: each is parsed (and, for a training script, its
     config validated) exactly as a run would, but nothing runs. Call from the stage folder's test process."""
@@ -90,7 +100,7 @@ def readme_commands_that_fail(stage_dir: Path) -> list[str]:
     import io
 
     from shared import UserError
-    from shared.cli import build_parser, config_from_preset, validate
+    from shared.cli import parse_config
 
     parse_args = argparse.ArgumentParser.parse_args
 
@@ -103,11 +113,8 @@ def readme_commands_that_fail(stage_dir: Path) -> list[str]:
         said = io.StringIO()
         try:
             with contextlib.redirect_stderr(said):
-                if "cfg" in inspect.signature(module.main).parameters:  # train.py: main(cfg), parse_config's work
-                    given = vars(build_parser(module.TrainConfig, module.PRESETS, "").parse_args(argv))
-                    cfg = config_from_preset(module.TrainConfig, module.PRESETS, given.get("preset", "default"))
-                    given.pop("resume", None)  # would load the checkpoint named
-                    validate(dataclasses.replace(cfg, **given))
+                if "cfg" in inspect.signature(module.main).parameters:  # train.py: main(cfg) after parse_config
+                    parse_config(module.TrainConfig, module.PRESETS, module.STAGE, without_resume(argv))
                     continue
                 argparse.ArgumentParser.parse_args = parse_and_stop
                 try:
