@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -95,6 +96,10 @@ def test_reparameterized_samples_have_the_posterior_moments():
 
 def test_importance_sampling_with_k1_is_the_elbo_in_expectation_and_grows_with_k():
     model, x = tiny_vae(), tiny_batch()
+    with torch.no_grad():  # move q away from the prior: KL >= 2 nats, so a sign slip in log q - log p shows
+        model.encoder[1][-1].bias[:2] += 1.5   # mu
+        model.encoder[1][-1].bias[2:] -= 1.0   # log sigma^2
+        assert (gaussian_kl(*model.encode(x)) > 2).all(), gaussian_kl(*model.encode(x))
     torch.manual_seed(1)
     with torch.no_grad():
         elbos = torch.stack([elbo(model, x)["elbo"] for _ in range(2000)])       # (S, B): analytic-KL SGVB
@@ -224,6 +229,18 @@ class FirstLatentInEightPixels(torch.nn.Module):
         return logits.view(-1, 1, 28, 28)
 
 
+def pictures_with_n_ones(n: torch.Tensor) -> torch.Tensor:
+    """Pictures whose first n pixels are on, the rest off: (len(n), 1, 28, 28)."""
+    return (torch.arange(784) < n[:, None]).float().view(-1, 1, 28, 28)
+
+
+def first_latent_log_joint(n: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    """log p(z_1) + log p(x|z_1) under FirstLatentInEightPixels for the pictures with n ones, z_2 integrated out
+    (the 776 pixels that are off add 776 log sigmoid(30) ~ -7e-11): (len(n), len(z1))."""
+    return -0.5 * (math.log(2 * math.pi) + z1**2) + n[:, None] * F.logsigmoid(2 * z1) \
+        + (8 - n[:, None]) * F.logsigmoid(-2 * z1)
+
+
 def test_sleep_phase_moment_matches_the_true_posterior_of_the_dreams():
     torch.manual_seed(0)
     model = VAE(VAEConfig(arch="mlp", z_dim=2, hidden=32, layers=1, act="tanh"))
@@ -235,19 +252,68 @@ def test_sleep_phase_moment_matches_the_true_posterior_of_the_dreams():
         loss.backward()
         opt.step()
     n = torch.arange(9)
-    x = (torch.arange(784) < n[:, None]).float().view(9, 1, 28, 28)   # a picture with n = 0..8 ones
+    x = pictures_with_n_ones(n)                                        # a picture with n = 0..8 ones
     with torch.no_grad():
         mu, logvar = model.encode(x)                                   # (9, 2)
     # p(z_1 | n) ∝ N(z_1; 0, 1) sigmoid(2 z_1)^n sigmoid(-2 z_1)^(8-n), by quadrature on a grid
     grid = torch.linspace(-8, 8, 8001, dtype=torch.float64)
-    log_post = -0.5 * grid**2 + n[:, None] * F.logsigmoid(2 * grid) + (8 - n[:, None]) * F.logsigmoid(-2 * grid)
-    w = log_post.softmax(dim=1)                                        # (9, grid)
+    w = first_latent_log_joint(n, grid).softmax(dim=1)                 # (9, grid)
     mean = (w * grid).sum(1)
     var = (w * (grid - mean[:, None]) ** 2).sum(1)
     # Sleep minimizes KL(p || q), and for a Gaussian q that matches the posterior's mean and variance
     assert (mu[:, 0] - mean).abs().max() < 0.2, (mu[:, 0], mean)
     assert ((logvar[:, 0].exp() / var).log().abs() < 0.4).all(), (logvar[:, 0].exp(), var)
     assert mu[:, 1].abs().max() < 0.1 and logvar[:, 1].abs().max() < 0.15  # z_2: the prior N(0, 1)
+
+
+class GaussianByCountOfOnes(torch.nn.Module):
+    """A fixed encoder: q(z|x) = N(mu[n], diag(exp(logvar[n]))), n the count of ones in pixels 0-7: (B, 4)."""
+
+    def __init__(self, mu, logvar):
+        super().__init__()
+        self.mu, self.logvar = mu, logvar                      # (9, 2) each
+
+    def forward(self, x):
+        n = x.flatten(1)[:, :8].sum(1).long()
+        return torch.cat([self.mu[n], self.logvar[n]], 1)
+
+
+def test_importance_sampled_log_px_in_chunks_is_the_exact_log_px_by_quadrature():
+    """(IS) with k = 1900 drawn in chunks of 300 (six full ones and one of 100) against log p(x) by quadrature,
+    for FirstLatentInEightPixels: p(x) = ∫ N(z_1; 0, 1) sigmoid(2 z_1)^n sigmoid(-2 z_1)^(8-n) dz_1."""
+    n = torch.arange(9)
+    x = pictures_with_n_ones(n)
+    grid = torch.linspace(-8, 8, 8001, dtype=torch.float64)
+    log_joint = first_latent_log_joint(n, grid)                               # (9, grid)
+    exact = torch.logsumexp(log_joint, dim=1) + math.log(grid[1] - grid[0])   # (9,), -1.99 (n = 0) .. -6.62 (n = 4)
+    w = log_joint.softmax(dim=1)
+    mean = (w * grid).sum(1)
+    var = (w * (grid - mean[:, None]) ** 2).sum(1)
+    # q: near the posterior but not it (z_1: mean + 0.2, 1.5 x the variance; z_2: N(0.3, 1.2^2), not the prior)
+    mu = torch.stack([mean + 0.2, torch.full_like(mean, 0.3)], 1)
+    logvar = torch.stack([(1.5 * var).log(), torch.full_like(var, 2 * math.log(1.2))], 1)
+    model = VAE(VAEConfig(arch="mlp", z_dim=2, hidden=4, layers=1))
+    model.encoder, model.decoder = GaussianByCountOfOnes(mu, logvar), FirstLatentInEightPixels()
+    torch.manual_seed(0)
+    estimate = importance_sampled_log_px(model, x, 1900, chunk=300)
+    assert (estimate - exact).abs().max() < 0.05, (estimate, exact)  # one estimate's sd ~0.013 nats
+    assert (estimate - exact).mean().abs() < 0.02, (estimate - exact)
+
+
+def test_importance_sampled_log_px_chunks_are_one_logmeanexp_over_all_k_weights(monkeypatch):
+    import model as model_module
+
+    weights = 3 * torch.randn(1900, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # (k, B)
+    sizes = []
+
+    def known_log_weights(model, x, k):  # hands out the next k rows of `weights`
+        sizes.append(k)
+        return weights[sum(sizes) - k:sum(sizes)]
+
+    monkeypatch.setattr(model_module, "log_weights", known_log_weights)
+    estimate = importance_sampled_log_px(None, torch.zeros(3, 1, 28, 28), 1900, chunk=300)
+    assert sizes == [300] * 6 + [100]
+    torch.testing.assert_close(estimate, torch.logsumexp(weights, dim=0) - math.log(1900), rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------ training and CLIs
@@ -377,6 +443,27 @@ def test_figures_and_likelihood_on_a_2d_latent(smoke_run, tmp_path, monkeypatch)
                      "latent_codes.png"}
     res = likelihood.main(["--ckpt", ckpt, "--k", "20", "--num-test", "8", "--dataset", "synthetic"])
     assert res["test_nll"] > 0 and -res["test_nll"] > res["test_elbo"] - 3 * res["test_elbo_se"]
+
+
+def test_manifold_decodes_the_inverse_cdf_grid_z1_left_to_right_z2_top_to_bottom_high_to_low():
+    """Fig. 4: tile (row i, column j) of the n x n picture is decoded from z = (Phi^-1((j + 1/2) / n),
+    Phi^-1(1 - (i + 1/2) / n)), so z_1 grows to the right and z_2 upward, as in the latent-codes scatter."""
+    import figures
+
+    class ZInPixels(torch.nn.Module):  # logits of pixels 0 and 1 are z_1 and z_2
+        def forward(self, z):
+            return F.pad(z, (0, 782)).view(-1, 1, 28, 28)
+
+    model = VAE(VAEConfig(arch="mlp", z_dim=2, hidden=4, layers=1))
+    model.decoder = ZInPixels()
+    for n in (20, 5):
+        tiles = figures.manifold(model, n)                                     # (n*n, 1, 28, 28), row-major
+        assert tiles.shape == (n * n, 1, 28, 28)
+        z = torch.logit(tiles.flatten(1)[:, :2].double()).view(n, n, 2)        # (row, column, (z_1, z_2))
+        g = torch.tensor([NormalDist().inv_cdf((j + 0.5) / n) for j in range(n)], dtype=torch.float64)
+        torch.testing.assert_close(z[..., 0], g.expand(n, n), atol=1e-4, rtol=0)            # z_1 by column
+        torch.testing.assert_close(z[..., 1], g.flip(0)[:, None].expand(n, n), atol=1e-4, rtol=0)  # z_2 by row
+    assert z[0, 0, 0] < 0 < z[0, 0, 1]  # the top-left tile: z_1 low, z_2 high
 
 
 def _one_line_error(code, stderr):

@@ -1,6 +1,7 @@
 """Algorithm 1 in train.py: who each step updates, learning, exact resume, and the command lines."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -364,6 +365,27 @@ def test_paper_sgd_schedule():
     lr, momentum = paper_sgd_schedule(250 * per_epoch, cfg, per_epoch)
     assert momentum == pytest.approx(0.7) and lr == pytest.approx(0.1 / 1.000004 ** (250 * per_epoch))
     assert paper_sgd_schedule(10**8, cfg, per_epoch)[0] == 1e-6  # the floor
+
+
+def test_paper_sgd_schedule_inside_the_ramp_and_per_d_update():
+    """Momentum is linear from 0.5 at epoch 1 to 0.7 at epoch 250 (epochs of D updates completed), and the lr is
+    divided by 1.000004 per D update: with k D steps per G step, G step t has made k * t of them."""
+    from train import paper_sgd_schedule
+
+    cfg = config_from_preset(TrainConfig, PRESETS, "full")
+    per_epoch = 500
+    assert cfg.k == 1 and (cfg.lr, cfg.momentum) == (0.1, 0.5)
+    for epochs, want in ((0.5, 0.5), (1, 0.5), (126, 0.5 + 0.2 * 125 / 249), (249, 0.5 + 0.2 * 248 / 249)):
+        step = round(epochs * per_epoch)
+        lr, momentum = paper_sgd_schedule(step, cfg, per_epoch)
+        assert momentum == pytest.approx(want, abs=1e-12), epochs
+        assert lr == pytest.approx(0.1 / 1.000004 ** step, rel=1e-12)
+    k2 = dataclasses.replace(cfg, k=2)
+    step = 63 * per_epoch  # 126 epochs of D updates
+    lr, momentum = paper_sgd_schedule(step, k2, per_epoch)
+    assert lr == pytest.approx(0.1 / 1.000004 ** (2 * step), rel=1e-12)
+    assert lr < 0.1 / 1.000004 ** step * (1 - 0.1)  # not the k = 1 decay: 1.000004^-31500 is another 12 % down
+    assert momentum == pytest.approx(0.5 + 0.2 * 125 / 249, abs=1e-12)
 
 
 def test_dcgan_full_preset_is_radfords_recipe_at_the_paper_width():

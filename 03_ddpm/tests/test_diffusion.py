@@ -255,3 +255,58 @@ def test_the_random_t_bound_is_unbiased_for_the_full_sum():
     se = (full.var(0) / n + est.var(0) / n).sqrt()
     assert ((est.mean(0) - full.mean(0)).abs() < 4 * se).all(), (est.mean(0), full.mean(0), se)
     assert (est.std(0) > 2 * full.std(0)).all()  # the t-draws add their own noise to each image's estimate
+
+
+def test_discretized_decoder_masses_are_normal_cdf_differences_over_the_8_bit_bins():
+    """Eq. (13): level x gets N(m, s^2)'s mass on [x - 1/255, x + 1/255]; the bin of x = -1 reaches down to -inf
+    and that of x = 1 up to +inf. Summing to 1 alone holds for any monotone cdf (e.g. a std off by sqrt 2)."""
+    x = (torch.arange(256, dtype=torch.float64) / 127.5 - 1).reshape(256, 1)  # the 256 levels in [-1, 1]
+    for mean, logvar in [(0.0, math.log(1e-4)), (0.31, math.log(0.01)), (0.93, math.log(0.05)),
+                         (-0.97, math.log(0.2)), (-1.2, math.log(0.5))]:
+        p = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), logvar).exp().flatten()  # (256,)
+        N = torch.distributions.Normal(torch.tensor(mean, dtype=torch.float64), math.exp(0.5 * logvar))
+        want = N.cdf(x.flatten() + 1 / 255) - N.cdf(x.flatten() - 1 / 255)  # interior levels
+        want[0] = N.cdf(torch.tensor(-1 + 1 / 255, dtype=torch.float64))  # (-inf, -1 + 1/255]
+        want[-1] = 1 - N.cdf(torch.tensor(1 - 1 / 255, dtype=torch.float64))  # [1 - 1/255, inf)
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-11)
+        assert want.max() > 0.01  # some bin carries real mass, so the comparison is not one of zeros
+
+
+@pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bits_per_dim_of_a_perfect_predictor_is_the_closed_form_bound(sigma, seed):
+    """With data = one fixed x_0 and the exact eps_theta, mu_theta(x_t, t) = mu_tilde_t(x_t, x_0) for every x_t
+    draw, so each term of Eq. (5) is known in closed form (per pixel, computed here without diffusion.py):
+      L_T = KL(N(sqrt(ab_T) x_0, 1 - ab_T) || N(0, 1)),
+      L_{t-1} = KL(N(0, beta_tilde_t) || N(0, sigma_t^2)) for t = 2..T (0 when sigma_t^2 = beta_tilde_t),
+      L_0 = -log of N(x_0, beta_1)'s mass on x_0's bin: 2 Phi(c) - 1 inside, Phi(c) at x_0 = +-1,
+            c = 1/(255 sqrt(beta_1)),
+    and the bound is their sum over t and pixels divided by D ln 2. A schedule with ab_T = 0.32 keeps L_T visible."""
+    T = 10
+    d = Diffusion(T=T, beta_1=1e-4, beta_T=2e-3)  # betas 0.01 .. 0.2 (both scaled by 1000/T)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, 256, (2, 1, 4, 8), generator=g)
+    k[0, 0, 0, :3] = torch.tensor([0, 255, 127])
+    k[1, 0, 3, -2:] = torch.tensor([255, 0])
+    x0 = k.float() / 127.5 - 1  # (2, 1, 4, 8), 8-bit levels in [-1, 1] with both edges in each image
+    perfect = lambda xt, t: d.predict_eps(xt, t, x0)  # noqa: E731
+    bpd = d.bits_per_dim(perfect, x0, sigma=sigma, generator=g)  # (2,)
+
+    beta = torch.linspace(0.01, 0.2, T, dtype=torch.float64)  # beta_1..beta_T
+    ab = torch.cumprod(1 - beta, 0)  # alpha_bar_1..alpha_bar_T
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    beta_tilde = (1 - ab_prev) / (1 - ab) * beta  # Eq. (7); beta_tilde_1 = 0
+    Nd = torch.distributions.Normal
+    x = x0.double().flatten(1)  # (2, 32)
+    D = x.shape[1]
+    L_T = torch.distributions.kl_divergence(Nd(ab[-1].sqrt() * x, (1 - ab[-1]).sqrt()), Nd(0.0, 1.0)).sum(1)
+    s2 = beta if sigma == "beta" else beta_tilde
+    L_mid = D * torch.distributions.kl_divergence(Nd(0.0, beta_tilde[1:].sqrt()), Nd(0.0, s2[1:].sqrt())).sum()
+    Phi_c = Nd(0.0, 1.0).cdf(torch.tensor(1 / (255 * math.sqrt(beta[0].item())), dtype=torch.float64))
+    edge = (x == -1) | (x == 1)
+    L_0 = -torch.where(edge, Phi_c.log(), (2 * Phi_c - 1).log()).sum(1)
+    want = (L_T + L_mid + L_0) / (D * math.log(2))
+    torch.testing.assert_close(bpd.double(), want, rtol=1e-5, atol=0)
+    assert (L_T / (L_T + L_mid + L_0) > 1e-3).all()  # every term weighs enough for the tolerance to see it
+    if sigma == "beta":
+        assert (L_mid / (L_T + L_mid + L_0) > 1e-3).all()

@@ -55,6 +55,22 @@ def test_resume_is_bit_identical(tmp_path):
     assert not torch.equal(straight["model"]["conv_out.weight"], straight["ema"]["conv_out.weight"])
 
 
+def test_update_ema_is_theta_ema_decay_plus_theta_one_minus_decay():
+    """theta_ema <- decay theta_ema + (1 - decay) theta, on every tensor of the state: from 0 towards a model of
+    all 1s with decay 0.9, one update gives 0.1 and a second 0.1 + 0.9 * 0.1 = 0.19 (0.9 and 0.99 if reversed)."""
+    model, ema = build_unet("tiny", dropout=0.0), build_unet("tiny", dropout=0.0)
+    assert not list(model.buffers())  # the parameters are the whole state, so averaging them is enough
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.zero_()
+            p.fill_(1.0)
+    for want in (0.1, 0.19):
+        train.update_ema(ema, model, 0.9)
+        for (name, p_ema), p in zip(ema.named_parameters(), model.parameters()):
+            torch.testing.assert_close(p_ema, torch.full_like(p_ema, want), msg=name)
+            assert (p == 1).all()  # the model itself is left alone
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exp")

@@ -169,6 +169,80 @@ def test_rf_loss_terms_match_a_brute_force_per_sample_computation():
         assert abs(out["cos"].item() - expected) < 1e-5 and out["mse"] > 0
 
 
+def test_ddpm_loss_feeds_the_network_the_step_the_samplers_feed():
+    """Eq. (3): t is uniform on {0..T-1}, the same integer steps ddim_sample feeds the network (as floats), and x_t
+    is noised at alpha_bar[t] for that very t. So every step of the full 1000-step chain is trained (min 0, max 999)
+    and the eps-oracle for a single data point, indexed by the t it receives, has zero loss, as it does in the
+    samplers (test_samplers_recover_a_single_data_point_with_the_exact_model). A 1..T convention (t + 1) shifts the
+    noise level by one step and costs ~3e-4 (measured; exact: ~1e-14); t drawn from {0..T-2} leaves step 999, where
+    sampling starts, untrained."""
+    alpha_bar = linear_alpha_bar()
+    torch.manual_seed(0)
+    x_star = torch.rand(1, 1, 2, 2) * 2 - 1
+    seen = []
+
+    def eps_oracle(x, t, y):  # eps = (x_t - sqrt(ab) x*) / sqrt(1 - ab), at the step the network is told
+        seen.append(t)
+        ab = alpha_bar[t.long().clamp(0, len(alpha_bar) - 1)].float()[:, None, None, None]
+        return (x - ab.sqrt() * x_star) / (1 - ab).sqrt()
+
+    n = 20000  # P(a given step is never drawn) = (1 - 1/1000)^20000 ~ 2e-9
+    out = ddpm_loss(eps_oracle, x_star.expand(n, -1, -1, -1), torch.zeros(n, dtype=torch.long), alpha_bar)
+    (t_train,) = seen
+    assert t_train.dtype == torch.float32 and t_train.shape == (n,) and torch.equal(t_train, t_train.round())
+    assert t_train.min().item() == 0 and t_train.max().item() == len(alpha_bar) - 1
+    assert out["loss"].item() < 1e-8, out["loss"].item()
+    seen.clear()  # the full chain: the sampler's steps are exactly the trained steps
+    ddim_sample(lambda x, t, y: seen.append(t) or torch.zeros_like(x), torch.randn(1, 1, 1, 1),
+                torch.zeros(1, dtype=torch.long), len(alpha_bar), 1.0, 10, alpha_bar=alpha_bar)
+    t_sample = torch.cat(seen)
+    assert t_sample.dtype == t_train.dtype and t_sample[0].item() == len(alpha_bar) - 1
+    assert set(t_sample.tolist()) == set(t_train.tolist()) == set(map(float, range(len(alpha_bar))))
+
+
+def test_rf_loss_feeds_the_network_the_time_the_ode_sampler_feeds(monkeypatch):
+    """Eq. (10): the network sees flow time t in [0, 1] as T_STEPS t, and ode_sample must feed the same number for
+    the same t. Checked three ways: the sampled t replayed from the seed, exactly T_STEPS t; the ODE grid's times
+    pushed through rf_loss give the very tensors ode_sample fed; the velocity oracle of a single data point,
+    which lands the samplers on it, has zero training loss."""
+    import diffusion
+
+    torch.manual_seed(0)
+    x_star = torch.rand(1, 1, 2, 2) * 2 - 1
+    seen = []
+
+    def v_oracle(x, t, y):  # v = eps - x* = (x_t - x*) / t, with t read back as the samplers' oracle reads it
+        seen.append(t)
+        return (x - x_star) / (t / 1000)[:, None, None, None]
+
+    n = 4096
+    x0, y = x_star.expand(n, -1, -1, -1), torch.zeros(n, dtype=torch.long)
+    for logit_normal in (True, False):
+        seen.clear()
+        torch.manual_seed(3)
+        out = rf_loss(v_oracle, x0, y, logit_normal=logit_normal)
+        torch.manual_seed(3)  # replay rf_loss's first draw
+        t = sample_t(n, logit_normal, "cpu")
+        assert torch.equal(seen[0], diffusion.T_STEPS * t) and diffusion.T_STEPS == 1000
+        assert out["mse"].item() < 1e-8, (logit_normal, out["mse"].item())
+    # the ODE grid's times, t = 1, 6/7, ..., 1/7, through rf_loss: the very inputs ode_sample gives the network
+    grid = torch.linspace(1.0, 0.0, 8)[:-1]
+    monkeypatch.setattr(diffusion, "sample_t", lambda *args, **kwargs: grid)
+    seen.clear()
+    rf_loss(lambda x, t, y: seen.append(t) or torch.zeros_like(x), torch.zeros(7, 1, 2, 2),
+            torch.zeros(7, dtype=torch.long))
+    (t_train,) = seen
+    assert t_train[0].item() == 1000.0
+    for method in ("euler", "heun"):  # Heun also evaluates at each step's end, which is the next step's start
+        seen.clear()
+        ode_sample(lambda x, t, y: seen.append(t) or torch.zeros_like(x), torch.randn(1, 1, 2, 2),
+                   torch.zeros(1, dtype=torch.long), 7, 1.0, 10, method=method)
+        t_sample = torch.cat(seen)
+        assert t_sample.dtype == t_train.dtype and torch.equal(t_sample.unique(), t_train.unique()), method
+        if method == "euler":
+            assert torch.equal(t_sample, t_train)  # one evaluation per step, in the grid's order
+
+
 def test_samplers_recover_a_single_data_point_with_the_exact_model():
     """For data = one point x*, the optimal predictions are known in closed form; the samplers must land on x*."""
     torch.manual_seed(0)

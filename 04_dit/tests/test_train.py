@@ -37,6 +37,24 @@ def test_exact_resume(tmp_path, flags):
     assert not torch.equal(straight["model"]["x_embedder.weight"], straight["ema"]["x_embedder.weight"])
 
 
+def test_ema_update_moves_a_fraction_one_minus_decay_toward_the_model():
+    """e <- decay e + (1 - decay) p, on every parameter: from e = 0 toward p = 1 with decay 0.9, one update gives
+    0.1 and a second 0.19 (1 - 0.9^2); the model is left as it was. A swapped weight (e <- 0.1 e + 0.9 p) gives 0.9."""
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.zero_()
+            p.fill_(1.0)
+    for expected in (0.1, 0.19, 0.271):
+        train.update_ema(ema, model, 0.9)
+        for e, p in zip(ema.parameters(), model.parameters()):
+            torch.testing.assert_close(e, torch.full_like(e, expected), rtol=0, atol=1e-6)
+            assert torch.equal(p, torch.ones_like(p))
+    train.update_ema(ema, model, 1.0)  # decay 1 (allowed by --ema-decay): the EMA is frozen
+    train.update_ema(ema, model, 0.0)  # decay 0: the EMA is a copy of the model
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exp")

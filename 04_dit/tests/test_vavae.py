@@ -27,6 +27,7 @@ from vavae import (
     marginal_distance_matrix_loss,
     normalize,
     prepare_latents,
+    reparameterize,
     vf_loss,
 )
 
@@ -48,6 +49,21 @@ def test_autoencoder_shapes_28_to_7x7x4_and_back():
     assert ae.proj(out["z"]).shape == (3, 64, 7, 7)
     clf = load_classifier()
     assert foundation_features(clf, x).shape == (3, 64, 7, 7)
+
+
+def test_reparameterize_draws_from_n_mu_sigma_squared_with_sigma_from_logvar():
+    """Eq. (14): z = mu + exp(logvar / 2) eps. With mu = 0.3 and logvar = log 0.25 (sigma = 0.5), 200,000 draws
+    have mean 0.3 and std 0.5 (standard errors ~0.001 and ~0.0008); the variance used as the std (0.25) or the
+    inverse std (2) fail. The draw is differentiable: dz/dmu = 1, dz/dlogvar = sigma eps / 2 = (z - mu) / 2."""
+    torch.manual_seed(0)
+    mu = torch.full((200_000,), 0.3, requires_grad=True)
+    logvar = torch.full((200_000,), math.log(0.25), requires_grad=True)
+    z = reparameterize(mu, logvar)
+    assert abs(z.mean().item() - 0.3) < 0.01, z.mean().item()
+    assert abs(z.std().item() - 0.5) < 0.01, z.std().item()
+    z.sum().backward()
+    assert torch.equal(mu.grad, torch.ones_like(mu))
+    torch.testing.assert_close(logvar.grad, (z.detach() - 0.3) / 2, rtol=1e-5, atol=1e-6)
 
 
 def test_kl_closed_form_matches_monte_carlo():

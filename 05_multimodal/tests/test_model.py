@@ -51,6 +51,23 @@ def test_clip_temperature_learns_and_logits_are_scaled_cosines():
     assert clip.log_scale.grad is not None and clip.log_scale.grad != 0
 
 
+def test_clip_logits_are_exp_log_scale_times_cosines_of_the_encoders_outputs():
+    """Eq. (1): S_ij = e^s cos(f(x_i), g(y_j)), with e^s = 1/0.07 at init and clamped at 100, checked against the
+    raw encoder outputs (image head; text projection of the <eos> state) and F.cosine_similarity."""
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(vocab_size=len(TOK), **CLIP_SIZES["tiny"])).eval()
+    x, ids = torch.randn(4, 1, 28, 28), TOK.batch(["a 7", "a thick 3", "an 8", "1, slanted left"])
+    with torch.no_grad():
+        f = clip.image(x)  # (4, embed_dim), not normalized
+        g = clip.text_proj(clip.text(ids)[1])
+        cos = F.cosine_similarity(f[:, None], g[None], dim=-1)  # (4 images, 4 texts)
+        assert cos.abs().max() > 0.05 and not torch.allclose(cos, cos.T, atol=1e-4)  # a non-trivial matrix
+        assert torch.allclose(clip(x, ids), cos / 0.07, rtol=1e-5, atol=1e-5)  # the initial temperature
+        for s, scale in ((math.log(3.0), 3.0), (-1.0, math.exp(-1.0)), (math.log(100), 100.0), (7.0, 100.0)):
+            clip.log_scale.fill_(s)
+            assert torch.allclose(clip(x, ids), scale * cos, rtol=1e-5, atol=1e-5), s
+
+
 def test_zero_shot_logits_average_templates_per_class():
     clip = CLIP(CLIPConfig(vocab_size=len(TOK), **CLIP_SIZES["tiny"]))
     ids = TOK.batch(["a 0", "zero", "a 1", "one"])

@@ -134,6 +134,25 @@ def test_ema_forgets_the_fresh_mmdit_within_its_warm_up():
     assert train.ema_decay(cfg, cfg.clip_steps + 10_000) == 0.999
 
 
+def test_ema_update_keeps_decay_of_the_average_and_takes_one_minus_decay_of_the_model():
+    """README "EMA of the weights": ema <- decay * ema + (1 - decay) * model, so from 0 towards 1 at decay 0.9 the
+    EMA reads 0.1, then 0.19, then 0.271 (= 1 - 0.9^n), and the model is left as it was."""
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    for p in ema.parameters():
+        p.data.zero_()
+    for p in model.parameters():
+        p.data.fill_(1.0)
+    for want in (0.1, 0.19, 0.271):
+        train.ema_update(ema, model, 0.9)
+        assert all(torch.allclose(p, torch.full_like(p, want), rtol=0, atol=1e-6) for p in ema.parameters()), want
+    assert all(torch.equal(p, torch.ones_like(p)) for p in model.parameters())
+    for p in model.parameters():  # a second point: the update is linear in both, from any starting EMA
+        p.data.fill_(-2.0)
+    train.ema_update(ema, model, 0.75)
+    assert all(torch.allclose(p, torch.full_like(p, 0.75 * 0.271 + 0.25 * -2.0), rtol=0, atol=1e-6)
+               for p in ema.parameters())
+
+
 def one_line_exit(capsys, fn, *args) -> str:
     """Run an entry point as its script does; it must exit with code 2 and one line on stderr."""
     with pytest.raises(SystemExit) as exit_info:

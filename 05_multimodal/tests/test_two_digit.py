@@ -182,6 +182,36 @@ def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
         assert sum(by_attribute.values()) / 3 == pytest.approx(scores["both_in_order"], abs=1e-6)
 
 
+class OneHotText(torch.nn.Module):
+    """A stand-in for the mini-CLIP's text encoder: each token's state is the one-hot of its id; the pooled
+    state is their sum (a bag of words) or, with ``first_word``, the state of the second token (the first digit
+    word of "a {a} to the left of a {b}")."""
+
+    def __init__(self, vocab: int, first_word: bool = False):
+        super().__init__()
+        self.vocab, self.first_word = vocab, first_word
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # swap_cosines asks the model for its device
+
+    def text(self, ids):
+        states = torch.nn.functional.one_hot(ids, self.vocab).float()
+        return states, states[:, 1] if self.first_word else states.sum(1)
+
+
+def test_swap_cosines_of_a_bag_of_words_are_one_and_of_the_first_word_zero():
+    """README (12), the bag-of-words check: with one-hot token states, each digit word's state at its place in
+    "a {a} ... a {b}" equals its state at its other place in "a {b} ... a {a}" (cosine 1), while comparing the
+    two digits would give 0; summed states are the same bag of words (1), the first word differs (0)."""
+    tok = Tokenizer()
+    pairs = torch.tensor([(a, b) for a in range(10) for b in range(10) if a != b])
+    stub = torch.nn.Module()
+    stub.clip = OneHotText(len(tok))
+    assert evaluate_script.swap_cosines(stub, tok, pairs) == pytest.approx({"pooled": 1.0, "digit_words": 1.0},
+                                                                           abs=1e-6)
+    stub.clip = OneHotText(len(tok), first_word=True)
+    assert evaluate_script.swap_cosines(stub, tok, pairs) == pytest.approx({"pooled": 0.0, "digit_words": 1.0},
+                                                                           abs=1e-6)
+
+
 @pytest.mark.parametrize("two_digit", [False, True])
 def test_two_digit_flag_widens_the_canvas_and_adds_text_positions(two_digit):
     """Both models have fixed 2-D sin-cos patch positions; only the two-digit one hears word positions."""
