@@ -135,6 +135,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.lerp_(pm, 1 - decay)
 
 
+def drop_captions(ids: torch.Tensor, p_uncond: float, null_ids: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Caption dropout for classifier-free guidance (README Eq. 8): each caption of ``ids`` (B, L) becomes the
+    empty prompt ``null_ids`` (1, L), with probability ``p_uncond``, so that v(z, t, null) learns the
+    unconditional velocity that the samplers guide away from. Replaces rows of ``ids`` in place and returns it."""
+    # One uniform per row, drawn on the CPU whatever the device: the RNG stream, and with it a resumed run, does
+    # not depend on where the model trains
+    drop = torch.rand(len(ids), generator=generator) < p_uncond  # (B,)
+    ids[drop.to(ids.device)] = null_ids
+    return ids
+
+
 @torch.no_grad()
 def zero_shot_accuracy(model: TextToImage, tok: Tokenizer, images: torch.Tensor, labels: torch.Tensor,
                        device, batch: int = 1000) -> float:
@@ -190,8 +202,7 @@ def main(cfg: TrainConfig):
                 if step == cfg.clip_steps + 1:  # the EMA starts from the trained CLIP and the fresh MMDiT
                     ema.load_state_dict(model.state_dict())
                 model.clip.eval().requires_grad_(False)
-                drop = torch.rand(len(ids)) < cfg.p_uncond  # caption dropout for classifier-free guidance
-                ids[drop.to(run.device)] = null_ids
+                ids = drop_captions(ids, cfg.p_uncond, null_ids)
                 cond = model.condition(ids)
                 t = logit_normal_t(len(x), cfg.t_mean, cfg.t_std).to(run.device)
                 eps = torch.randn_like(x)

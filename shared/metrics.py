@@ -109,13 +109,15 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K_NEAREST,
     ``real`` and ``fake`` are ``(N, D)`` features; both sets should have the same size.
     """
     real, fake = real.float(), fake.float()
-    r2_real = (knn_radii(real, k) if real_radii is None else real_radii).pow(2)  # (R,)
-    r2_fake = knn_radii(fake, k).pow(2)  # (F,)
+    r_real = knn_radii(real, k) if real_radii is None else real_radii  # (R,)
+    r_fake = knn_radii(fake, k)  # (F,)
     fake_inside, real_inside = [], torch.zeros(len(real), dtype=torch.bool, device=real.device)
     for i in range(0, len(fake), chunk):
-        d2 = _sq_dists(fake[i:i + chunk], real)  # (c, R), used for both directions
-        fake_inside.append((d2 <= r2_real[None, :]).any(1))
-        real_inside |= (d2 <= r2_fake[i:i + chunk, None]).any(0)
+        # Distances, not squares: a radius squared again can round below the very distance it came from
+        # (sqrt(2)^2 < 2 in float32), which would leave a point on a ball's edge outside it
+        d = _sq_dists(fake[i:i + chunk], real).sqrt()  # (c, R), used for both directions
+        fake_inside.append((d <= r_real[None, :]).any(1))
+        real_inside |= (d <= r_fake[i:i + chunk, None]).any(0)
     return torch.cat(fake_inside).float().mean().item(), real_inside.float().mean().item()
 
 

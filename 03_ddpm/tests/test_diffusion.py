@@ -133,6 +133,80 @@ def test_ddim_eta_0_is_deterministic_given_x_T():
     assert d.ddim_timesteps(10)[0] == 1 and d.ddim_timesteps(10)[-1] == T and len(d.ddim_timesteps(10)) == 10
 
 
+def _record_randn(monkeypatch):
+    """Every z the samplers draw, in order: torch.randn wrapped (diffusion.py draws its noise with torch.randn)."""
+    draws, randn = [], torch.randn
+
+    def recording(*args, **kwargs):
+        draws.append(randn(*args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(torch, "randn", recording)
+    return draws
+
+
+def test_ddim_eta_1_on_a_sub_sequence_adds_song_eq_16_noise_and_none_at_the_last_step(monkeypatch):
+    """S = 10 of T = 1000, eta = 1: each step t -> s (the next smaller step of tau, 0 after tau_1 = 1) is
+    x_s = mean + sigma z with z the sampler's own draw, replayed, mean = sqrt(ab_s) x_hat_0 + sqrt(1 - ab_s - sigma^2)
+    eps (Song et al. Eq. 12, eps the one consistent with the clipped x_hat_0) and sigma^2 = (1 - ab_s)/(1 - ab_t)
+    (1 - ab_t/ab_s) (Eq. 16), written out here from alpha_bar. sigma uses ab_s of the sub-sequence: the one-step
+    posterior's ab_{t-1} would give 0.141 instead of 0.938 at the first step. The step to x_0 adds no noise."""
+    T, S, shape = 1000, 10, (2, 1, 8, 8)
+    d = Diffusion(T=T)
+    eps_theta = _some_eps_theta(d)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    draws, trace = _record_randn(monkeypatch), []
+    x0 = d.sample_ddim(eps_theta, shape, S=S, eta=1.0, x_T=x_T, trace=trace,
+                       generator=torch.Generator().manual_seed(1))
+    taus = [1, 112, 223, 334, 445, 556, 667, 778, 889, 1000]
+    assert [t for t, _, _ in trace] == [*reversed(taus), 0] and len(draws) >= S - 1
+    ab = d.alpha_bar  # float64, alpha_bar_0 = 1
+    sigmas = []
+    for i, (t, s) in enumerate(zip(reversed(taus), [*reversed(taus[:-1]), 0])):
+        x_t, x_s = trace[i][1].double(), trace[i + 1][1].double()
+        ab_t, ab_s = ab[t].item(), ab[s].item()
+        eps = eps_theta(x_t, torch.full((2,), t))
+        x0_hat = ((x_t - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)).clamp(-1, 1)
+        eps = (x_t - math.sqrt(ab_t) * x0_hat) / math.sqrt(1 - ab_t)
+        sigma = math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))  # Eq. (16), eta = 1
+        mean = math.sqrt(ab_s) * x0_hat + math.sqrt(1 - ab_s - sigma ** 2) * eps  # Eq. (12)
+        if s == 0:  # ab_0 = 1: sigma = 0 and the last step returns x_hat_0 itself
+            assert sigma == 0 and torch.equal(x0, trace[i][2]), (x0 - trace[i][2]).abs().max()
+            torch.testing.assert_close(x_s, mean, atol=1e-5, rtol=0)
+            continue
+        sigmas.append(sigma)
+        torch.testing.assert_close(x_s - mean, sigma * draws[i].double(), atol=1e-5, rtol=0, msg=f"{t} -> {s}")
+    assert sigmas[0] == pytest.approx(0.938, abs=1e-3)  # t = 1000 -> s = 889
+    assert min(sigmas) > 500 * 1e-5  # 112 -> 1 is the quietest (0.0100): still ~1000 times the tolerance
+
+
+@pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
+def test_ancestral_steps_add_sigma_t_z_and_the_last_step_adds_none(monkeypatch, sigma):
+    """Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z with z the sampler's own draw, replayed, for t = T..2,
+    sigma_t^2 = beta_t or beta_tilde_t (written out here); at t = 1, x_0 = mu_theta(x_1, 1) exactly, for both
+    choices (sigma_1^2 = beta_1 = 1e-4 * 1000/T is not 0, so drawing there would show)."""
+    T, shape = 50, (2, 1, 8, 8)
+    d = Diffusion(T=T)
+    eps_theta = _some_eps_theta(d)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    draws, trace = _record_randn(monkeypatch), []
+    x0 = d.sample_ddpm(eps_theta, shape, sigma=sigma, x_T=x_T, trace=trace, generator=torch.Generator().manual_seed(1))
+    assert [t for t, _, _ in trace] == list(range(T, -1, -1)) and len(draws) >= T - 1
+    beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64) * 1000 / T  # beta_1..beta_T
+    ab = torch.cumprod(1 - beta, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    var = beta if sigma == "beta" else (1 - ab_prev) / (1 - ab) * beta  # Eq. (7)'s beta_tilde
+    for i, t in enumerate(range(T, 0, -1)):
+        x_t, x_prev = trace[i][1], trace[i + 1][1]
+        mu = d.p_mean(eps_theta, x_t, torch.full((2,), t), clip=True)[0]
+        if t == 1:
+            assert torch.equal(x0, mu), (sigma, (x0 - mu).abs().max())
+            continue
+        torch.testing.assert_close(x_prev - mu, math.sqrt(var[t - 1]) * draws[i], atol=1e-5, rtol=0,
+                                   msg=f"{sigma} t = {t}")
+    assert math.sqrt(beta[0]) == pytest.approx(0.0447, abs=1e-4)  # what a draw at t = 1 would add, times z
+
+
 def test_ddim_timesteps_end_at_T_for_every_S():
     for T in (2, 7, 50, 1000):
         d = Diffusion(T=T)

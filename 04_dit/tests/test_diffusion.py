@@ -276,6 +276,23 @@ def test_heun_is_more_accurate_than_euler_on_a_curved_field():
     assert err["heun"] < err["euler"] / 3
 
 
+def test_heun_evaluates_its_corrector_at_the_end_of_the_step_on_a_time_dependent_field():
+    """dx/dt = 2 t x, with t read back from the network's input 1000 t: x(0) = x(1) e^{-1} exactly. A field that
+    ignores t (as dx/dt = x above) cannot tell v(x_euler, t_next) in Eq. (13) from v(x_euler, t); this one can.
+    Measured at 8 steps: Heun 0.0041, the corrector at t instead of t_next 0.041, Euler 0.079; from 8 to 16 steps
+    Heun's error falls 4.2-fold (second order), the wrong-time corrector's 1.9-fold and Euler's 2.0-fold."""
+    def field(x, t, y):
+        return 2 * (t / 1000)[:, None, None, None] * x
+
+    x1, y = torch.ones(1, 1, 2, 2), torch.zeros(1, dtype=torch.long)
+    exact = math.exp(-1.0)
+    err = {(m, n): (ode_sample(field, x1, y, n, 1.0, 10, method=m) - exact).abs().max().item()
+           for m in ("euler", "heun") for n in (8, 16)}
+    assert err["heun", 8] < 0.012 < err["euler", 8], err
+    assert err["heun", 8] / err["heun", 16] > 3.5, err  # second order: halving h quarters the error
+    assert 1.6 < err["euler", 8] / err["euler", 16] < 2.4, err  # first order, for contrast
+
+
 def test_losses_fall_on_a_tiny_batch():
     """A few hundred steps on 8 images: the objective's MSE, averaged over the first and the last 30 steps, falls by
     more than half for both objectives (measured: to ~0.27 of its start for DDPM, ~0.43 for the flow)."""

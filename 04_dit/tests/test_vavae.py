@@ -141,6 +141,39 @@ def test_adaptive_weight_balances_the_gradients_at_the_last_encoder_layer():
     assert math.isclose(w10.item(), w.item() / 10, rel_tol=1e-3)
 
 
+def test_vf_loss_is_w_hyper_times_w_adaptive_times_both_terms():
+    """Eq. (21) at w_hyper = 0.5 and the README's margins (m1 = 0.5, m2 = 0.25): L_vf = w_hyper w (L_mcos + L_mdms),
+    with Z' = W Z written out (Eq. 17), both terms recomputed from it, and w (Eq. 20) the ratio of the gradient norms
+    of L_rec and L_mcos + L_mdms at the encoder's output conv. The weighted VF gradient there is then w_hyper times
+    the reconstruction gradient's norm, and halving w_hyper halves L_vf (w_hyper = 1 alone cannot see it dropped)."""
+    torch.manual_seed(0)
+    ae = Autoencoder(AEConfig(width=4))
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    f = foundation_features(load_classifier(), x)
+    out = ae(x)
+    rec = ae_losses(out, x, 1e-3)["rec"]
+    m1, m2, w_hyper = 0.5, 0.25, 0.5
+    vf = vf_loss(ae, out["z"], f, rec, m1=m1, m2=m2, w_hyper=w_hyper)
+    z_proj = torch.einsum("oc,bchw->bohw", ae.proj.weight[:, :, 0, 0], out["z"])  # Eq. (17), per latent pixel
+    mcos, mdms = marginal_cosine_loss(z_proj, f, m1), marginal_distance_matrix_loss(z_proj, f, m2)
+    assert mcos.item() > 0.01 and mdms.item() > 0.01  # both terms outside their margins, so both count
+    assert math.isclose(vf["mcos"].item(), mcos.item(), rel_tol=1e-5)
+    assert math.isclose(vf["mdms"].item(), mdms.item(), rel_tol=1e-5)
+    W = ae.conv_out.weight  # the encoder's last layer
+    g_rec = torch.autograd.grad(rec, W, retain_graph=True)[0].norm()
+    g_sum = torch.autograd.grad(mcos + mdms, W, retain_graph=True)[0].norm()
+    w = (g_rec / g_sum).item()  # Eq. (20)
+    assert math.isclose(vf["w_adaptive"].item(), w, rel_tol=1e-4), (vf["w_adaptive"].item(), w)
+    assert math.isclose(vf["vf"].item(), w_hyper * w * (mcos + mdms).item(), rel_tol=1e-4)  # Eq. (21)
+    g_vf = torch.autograd.grad(vf["vf"], W, retain_graph=True)[0].norm()
+    assert math.isclose(g_vf.item(), w_hyper * g_rec.item(), rel_tol=1e-3), (g_vf.item(), g_rec.item())
+    full = vf_loss(ae, out["z"], f, rec, m1=m1, m2=m2, w_hyper=1.0)["vf"]
+    assert math.isclose(vf["vf"].item(), 0.5 * full.item(), rel_tol=1e-5)
+    first = [torch.autograd.grad(loss, ae.encoder[0].weight, retain_graph=True)[0].norm()
+             for loss in (rec, mcos + mdms)]
+    assert (first[0] / first[1]).item() > 2 * w  # the layer matters: at the first conv the ratio is 4.4 times w
+
+
 def test_latents_normalised_and_decoded_back(tmp_path):
     torch.manual_seed(0)
     ae = Autoencoder(AEConfig(width=4))

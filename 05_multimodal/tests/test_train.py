@@ -35,6 +35,48 @@ def test_resume_is_bit_identical_in_both_phases(tmp_path):
     assert straight["model"]["dit.final.weight"].abs().sum() > 0  # the MMDiT phase did train
 
 
+def test_caption_dropout_swaps_a_p_uncond_fraction_of_captions_for_the_empty_prompt():
+    """README Eq. (8): with probability p_uncond a caption becomes the empty prompt that the samplers use for the
+    unconditional branch (sample.py::generate: tok.batch([""])); every other caption is left as it was."""
+    tok = Tokenizer()
+    null = tok.batch([""])  # (1, L): <eos>, then padding
+    ids = tok.batch(["a thick 7", "three, slanted left", "the digit 0, drawn small", "an 8"] * 5000)  # (20000, L)
+    n = len(ids)
+    for p in (0.1, 0.5):
+        out = train.drop_captions(ids.clone(), p, null, torch.Generator().manual_seed(0))
+        dropped = (out == null).all(1)  # (n,): no caption above is the empty prompt
+        assert torch.equal(out[~dropped], ids[~dropped])  # kept rows untouched
+        assert torch.equal(out[dropped], null.expand(int(dropped.sum()), -1))
+        sd = (p * (1 - p) / n) ** 0.5  # binomial standard error of the fraction: 0.0021 at p = 0.1
+        assert abs(dropped.float().mean().item() - p) < 4 * sd, (p, dropped.float().mean().item())
+        assert torch.equal(train.drop_captions(ids.clone(), p, null, torch.Generator().manual_seed(0)), out)  # seeded
+    assert torch.equal(train.drop_captions(ids.clone(), 0.0, null), ids)
+    assert (train.drop_captions(ids.clone(), 1.0, null) == null).all()
+    # Without a generator: one uniform per row from the global RNG, as the training loop drew them before this
+    # became a function, so trained runs (and resumed ones) see the same numbers
+    torch.manual_seed(1)
+    dropped = (train.drop_captions(ids[:64].clone(), 0.3, null) == null).all(1)
+    after = torch.get_rng_state()
+    torch.manual_seed(1)
+    assert torch.equal(dropped, torch.rand(64) < 0.3) and torch.equal(after, torch.get_rng_state())
+
+
+def test_training_drops_captions_on_every_mmdit_step(tmp_path, monkeypatch):
+    """The loop calls drop_captions once per MMDiT step with --p-uncond, on the whole batch, and not in the CLIP
+    phase (the CLIP learns from real captions only)."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    calls, drop_captions = [], train.drop_captions
+
+    def spy(ids, p_uncond, null_ids, generator=None):
+        calls.append((len(ids), p_uncond))
+        return drop_captions(ids, p_uncond, null_ids, generator)
+
+    monkeypatch.setattr(train, "drop_captions", spy)
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu", p_uncond=0.25)
+    train.main(cfg)
+    assert calls == [(cfg.batch_size, 0.25)] * (cfg.steps - cfg.clip_steps)
+
+
 def test_mmdit_learning_rate_warms_up_then_stays_or_decays_to_zero():
     constant = train.TrainConfig(steps=1400, clip_steps=400, lr=1e-3)
     cosine = dataclasses.replace(constant, lr_decay="cosine")

@@ -12,12 +12,15 @@ from shared.checkpoint import load_checkpoint
 from shared.classifier import WEIGHTS, MNISTClassifier, load_classifier, predict
 from shared.cli import run_entry
 from shared.data import load_images
+from shared.images import read_metrics
 from shared.metrics import (
     REFERENCE,
+    SIGMA_GRID,
     _sha256,
     evaluate,
     frechet_distance,
     gaussian_stats,
+    knn_radii,
     parzen_log_likelihood,
     precision_recall,
     real_features,
@@ -84,6 +87,24 @@ def test_frechet_symmetric_zero_and_rotation_invariant():
     assert frechet_distance(q @ m1, q @ s1 @ q.T, q @ m2, q @ s2 @ q.T) == pytest.approx(d, rel=1e-8)
 
 
+def test_frechet_non_commuting_covariances():
+    """Tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of S1 S2 (real and positive: S1 S2 is
+    similar to S1^1/2 S2 S1^1/2), not Tr(S1^1/2 S2^1/2), which agrees with it only when S1 and S2 commute."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(8, 8)), rng.normal(size=(8, 8))
+    s1, s2 = a @ a.T + 0.1 * np.eye(8), b @ b.T + 0.1 * np.eye(8)
+    m1, m2 = rng.normal(size=8), rng.normal(size=8)
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    eig = np.linalg.eigvals(s1 @ s2)
+    assert np.abs(eig.imag).max() < 1e-9 * np.abs(eig).max() and eig.real.min() > 0
+    expected = (m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig.real).sum()
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    # 2x2 by hand: Tr(M^1/2) = sqrt(Tr M + 2 sqrt(det M)); here S1 S2 = [[2, 3], [1, 3]], trace 5, det 3
+    s1, s2 = np.array([[2.0, 1.0], [1.0, 1.0]]), np.diag([1.0, 3.0])
+    assert frechet_distance([0.0, 0.0], s1, [0.0, 0.0], s2) == pytest.approx(7 - 2 * np.sqrt(5 + 2 * np.sqrt(3)),
+                                                                              rel=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The frozen classifier
 # --------------------------------------------------------------------------------------------------------
@@ -104,7 +125,7 @@ def test_classifier_weights_frozen_and_accurate(mnist):
 
 
 def test_classifier_training_entry_point(tmp_path, monkeypatch):
-    from shared.classifier import PRESETS, TrainConfig, main, random_shift
+    from shared.classifier import PRESETS, TrainConfig, learning_rate, main, random_shift
     from shared.cli import config_from_preset
 
     x = torch.zeros(8, 1, 28, 28)
@@ -118,6 +139,52 @@ def test_classifier_training_entry_point(tmp_path, monkeypatch):
     model = load_classifier(path=out)
     assert load_checkpoint(out, "classifier")["test_accuracy"] == result["test_accuracy"]
     assert model.features(torch.rand(2, 1, 28, 28)).shape == (2, 128)
+    # it learned: the logged loss falls from ~ln 10 and the 10 synthetic classes are told apart well above chance
+    losses = [row["loss"] for row in read_metrics(tmp_path / "classifier" / "t" / "metrics.jsonl") if "loss" in row]
+    assert len(losses) == cfg.steps // cfg.log_every and losses[-1] < 0.7 * losses[0]
+    assert result["test_accuracy"] > 0.4
+    # the optimizer took every step, at the scheduled learning rate
+    opt = load_checkpoint(tmp_path / "classifier" / "t" / "ckpt.pt", "classifier")["optimizer"]
+    assert opt["param_groups"][0]["lr"] == pytest.approx(learning_rate(cfg, cfg.steps), rel=1e-12)
+    assert {int(state["step"]) for state in opt["state"].values()} == {cfg.steps}
+
+
+def test_learning_rate_warmup_then_cosine_to_zero():
+    from shared.classifier import TrainConfig, learning_rate
+
+    cfg = TrainConfig(steps=1100, warmup=100, lr=3e-3)
+    lr = [learning_rate(cfg, step) for step in range(cfg.steps + 1)]
+    assert lr[0] == 0 and lr[50] == pytest.approx(1.5e-3, rel=1e-12)  # linear warm-up
+    assert lr[100] == pytest.approx(3e-3, rel=1e-12) and max(lr) == lr[100]  # the peak, at the warm-up's end
+    assert lr[350] == pytest.approx(1.5e-3 * (1 + np.sqrt(0.5)), rel=1e-12)  # a quarter into the cosine
+    assert lr[600] == pytest.approx(1.5e-3, rel=1e-12)  # half-way through the cosine: half the peak
+    assert lr[1100] == pytest.approx(0.0, abs=1e-18)  # decayed to 0 at the last step
+    assert all(a < b for a, b in zip(lr[:100], lr[1:101])) and all(a > b for a, b in zip(lr[100:], lr[101:]))
+
+
+def test_random_shift_translates_with_zero_fill():
+    from shared.classifier import random_shift
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 1, 28, 28, generator=g) + 0.5  # every pixel distinct and non-zero, edges included
+    s = 2
+    torch.manual_seed(0)
+    shifted = random_shift(x, s)
+    assert shifted.shape == x.shape and random_shift(x, 0) is x
+
+    def translate(img, dy, dx):  # content moves down by dy and right by dx; what comes in is 0
+        out = torch.zeros_like(img)
+        out[..., max(dy, 0):28 + min(dy, 0), max(dx, 0):28 + min(dx, 0)] = \
+            img[..., max(-dy, 0):28 - max(dy, 0), max(-dx, 0):28 - max(dx, 0)]
+        return out
+
+    offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+    seen = []
+    for before, after in zip(x, shifted):
+        matches = [o for o in offsets if torch.equal(after, translate(before, *o))]
+        assert len(matches) == 1  # a zero-filled translate by one offset in [-s, s]^2: nothing wraps around
+        seen.append(matches[0])
+    assert set(seen) == set(offsets)  # each image draws its own offset, all 25 of them occur
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,6 +235,59 @@ def test_precision_recall_on_gaussians():
     assert precision < 0.05 and recall < 0.05
 
 
+def brute_precision_recall(real, fake, k):
+    """Kynkaanniemi et al. 2019, Eqs. (1)-(2), spelled out: each point's ball reaches its k-th nearest neighbour
+    in its own set (itself excluded); a point counts when it lies in (or on) some ball of the other set."""
+    real, fake = real.double(), fake.double()
+
+    def sq_dists(a, b):
+        return (a[:, None] - b[None]).pow(2).sum(-1)
+
+    def kth_radius2(x):
+        d2 = sq_dists(x, x)
+        d2.fill_diagonal_(float("inf"))
+        return d2.sort(1).values[:, k - 1]
+
+    fake_to_real = sq_dists(fake, real)  # (F, R)
+    precision = (fake_to_real <= kth_radius2(real)[None, :]).any(1).double().mean().item()
+    recall = (fake_to_real <= kth_radius2(fake)[:, None]).any(0).double().mean().item()
+    return precision, recall
+
+
+def test_precision_recall_equals_brute_force():
+    # Integer coordinates: every squared distance is exact in float32 and many points sit exactly on a ball's
+    # edge, so the k-th neighbour (not the (k+1)-th) and "inside" meaning <= are both pinned down.
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 8, (40, 2), generator=g).float()
+    fake = torch.randint(0, 8, (40, 2), generator=g).float() + torch.tensor([2.0, 0.0])  # overlapping in part
+    for k in (1, 3):
+        expected = brute_precision_recall(real, fake, k)
+        assert 0.3 < expected[0] < 1 and 0.3 < expected[1] < 1  # neither trivially 0 nor 1
+        assert precision_recall(real, fake, k=k) == pytest.approx(expected, abs=1e-7)
+        assert precision_recall(real, fake, k=k, chunk=7) == pytest.approx(expected, abs=1e-7)
+        assert precision_recall(real, fake, k=k, real_radii=knn_radii(real, k)) == pytest.approx(expected, abs=1e-7)
+
+
+def test_recall_uses_the_fake_sets_own_radii():
+    # 50 fakes among 1,000 reals from the same Gaussian: the fakes' k-NN balls are wide and cover most of the
+    # data (recall ~0.9); balls with the reals' small radii around the fakes would cover ~0.1 of it.
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(1000, 2, generator=g), torch.randn(50, 2, generator=g)
+    precision, recall = precision_recall(real, fake)
+    assert (precision, recall) == pytest.approx(brute_precision_recall(real, fake, 3), abs=1e-7)
+    assert recall > 0.8
+
+
+def test_precision_recall_count_points_exactly_on_a_ball_edge():
+    # The balls are closed (Kynkaanniemi et al.'s code and metrics.py compare with <=): a point exactly at the
+    # k-th-neighbour distance is inside. Here every radius^2 is 2, and float32 sqrt(2)^2 = 1.9999999 < 2.
+    a = torch.tensor([[0.0, 0.0], [1.0, 1.0]])  # each the other's nearest neighbour, radius^2 2
+    b = torch.tensor([[2.0, 2.0], [10.0, 10.0]])  # (2, 2) is at distance^2 2 from (1, 1), (10, 10) far away
+    assert brute_precision_recall(b, a, 1) == (1.0, 0.5) and brute_precision_recall(a, b, 1) == (0.5, 1.0)
+    assert precision_recall(b, a, k=1) == (1.0, 0.5)  # recall: (2, 2) lies on the edge of (1, 1)'s ball
+    assert precision_recall(a, b, k=1) == (0.5, 1.0)  # precision: the same point, seen from the other side
+
+
 # --------------------------------------------------------------------------------------------------------
 # Parzen windows
 # --------------------------------------------------------------------------------------------------------
@@ -181,6 +301,28 @@ def test_parzen_matches_mixture_density():
     assert sigma == 0.3
     assert ll == pytest.approx(exact.mean().item(), abs=1e-4)
     assert se == pytest.approx(exact.std().item() / np.sqrt(20), rel=1e-3)
+
+
+def test_parzen_sigma_chosen_on_validation_ll_reported_on_test():
+    g = torch.Generator().manual_seed(0)
+    samples = torch.rand(20, 2, generator=g)
+    validation = 1.6 * torch.rand(40, 2, generator=g) - 0.3  # spread wider than the samples: wide windows win
+    test = samples.repeat(2, 1)[:30] + 0.1 * torch.randn(30, 2, generator=g)  # hugging the samples: narrow ones
+
+    def mixture_ll(x, sigma):  # log (1/n) sum_i N(x; s_i, sigma^2 I), float64, (M,)
+        d2 = (x.double()[:, None] - samples.double()[None]).pow(2).sum(-1)  # (M, n)
+        log_normal = -d2 / (2 * sigma ** 2) - 0.5 * x.shape[1] * np.log(2 * np.pi * sigma ** 2)
+        return torch.logsumexp(log_normal, 1) - np.log(len(samples))
+
+    val_scores = [mixture_ll(validation, s).mean().item() for s in SIGMA_GRID]
+    test_scores = [mixture_ll(test, s).mean().item() for s in SIGMA_GRID]
+    best = int(np.argmax(val_scores))
+    assert 0 < best < len(SIGMA_GRID) - 1 and best != int(np.argmax(test_scores))  # the case tells them apart
+    ll, se, sigma = parzen_log_likelihood(samples, test, validation)
+    assert sigma == SIGMA_GRID[best]
+    exact = mixture_ll(test, sigma)
+    assert ll == pytest.approx(exact.mean().item(), abs=1e-5)
+    assert se == pytest.approx(exact.std().item() / np.sqrt(len(test)), rel=1e-4)
 
 
 def test_parzen_real_beats_noise(mnist):
