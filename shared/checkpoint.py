@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads without unpickling
 arbitrary objects. Its keys: ``stage``, ``step``, ``seed``, ``config`` (the dataclass as a dict),
-``git_hash``, ``torch_version``, ``created``, then whatever state the stage saves (``model``, ``ema``,
+``git_hash``, ``torch_version``, ``cpu``, ``created``, then whatever state the stage saves (``model``, ``ema``,
 ``optimizer``, ``scaler``, ``rng`` ...).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -35,6 +36,16 @@ def git_hash() -> str:
         return "unknown"
 
 
+def cpu_description() -> str:
+    """The machine's CPU as far as float results go: architecture, the SIMD level torch's CPU kernels use, cores.
+
+    One seed and one commit give bit-identical runs on one machine, but kernels built for another SIMD level
+    (AVX2 against AVX-512) sum in another order; in a long GAN or diffusion run such last-bit differences grow
+    into different weights, so a checkpoint says which kind of CPU made it.
+    """
+    return f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels, {os.cpu_count()} cores"
+
+
 def provenance(stage: str, config: dict, seed: int, step: int, git: str | None = None) -> dict:
     """What a checkpoint says about where it came from; ``git``: the hash taken when the run started (by
     default, now)."""
@@ -45,6 +56,7 @@ def provenance(stage: str, config: dict, seed: int, step: int, git: str | None =
         "step": step,
         "git_hash": git if git is not None else git_hash(),
         "torch_version": str(torch.__version__),
+        "cpu": cpu_description(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -99,7 +111,7 @@ def export_weights(ckpt: dict, path: str | Path, key: str = "ema", half: bool = 
     weights = ckpt[key] if key in ckpt else ckpt["model"]
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
-    keep = ("stage", "config", "seed", "step", "git_hash", "torch_version", "created")
+    keep = ("stage", "config", "seed", "step", "git_hash", "torch_version", "cpu", "created")
     return save_checkpoint({**{k: ckpt[k] for k in keep if k in ckpt}, "model": weights}, path)
 
 

@@ -20,6 +20,9 @@ def test_roundtrip_carries_provenance(tmp_path):
     ckpt = load_checkpoint(path, "00_toy")
     assert ckpt["config"] == {"lr": 0.1} and ckpt["seed"] == 1 and ckpt["step"] == 5
     assert ckpt["git_hash"] and ckpt["torch_version"] == str(torch.__version__)
+    # the SIMD level of torch's CPU kernels: the same seed and commit give other last bits on another kind of CPU
+    assert ckpt["cpu"].split(", ")[1] == f"{torch.backends.cpu.get_cpu_capability()} kernels"
+    assert ckpt["cpu"].endswith(f"{os.cpu_count()} cores")
     assert torch.equal(ckpt["model"]["w"], torch.ones(3))
 
 
@@ -85,6 +88,7 @@ def test_export_keeps_one_set_of_weights(tmp_path):
     path = export_weights(ckpt, tmp_path / "mnist.pt", half=True)
     small = load_checkpoint(path, "00_toy")
     assert "optimizer" not in small and small["model"]["w"].dtype == torch.float16
+    assert small["cpu"] == ckpt["cpu"] and small["git_hash"] == ckpt["git_hash"]  # provenance travels with it
     assert torch.equal(small["model"]["w"].float(), torch.full((3,), 0.5))  # EMA weights by default
 
 
