@@ -101,3 +101,26 @@ def test_a_truncated_mnist_archive_or_a_damaged_unpacked_file_is_one_clear_error
     (raw / name).write_bytes(b"\0" * 100)  # an unpacked file that was cut or edited afterwards
     with pytest.raises(UserError, match=f"{name} has 100 bytes, not MNIST's 47040016"):
         data.prepare_mnist(tmp_path)
+
+
+def test_loader_order_is_the_seeded_permutation_of_each_epoch():
+    """Labels 0..39 name the images: epoch e reads randperm(40) drawn from seed + e (DistributedSampler's rule),
+    so the order follows both the seed and the epoch, and two seeds give two orders."""
+    images, _ = data.synthetic_images(40)
+    loader = make_loader(TensorImages(images, torch.arange(40)), batch_size=8, seed=3)
+    stream = batches_from(loader)
+    for epoch in range(2):
+        order = torch.cat([next(stream)[1] for _ in range(5)])
+        assert torch.equal(order, torch.randperm(40, generator=torch.Generator().manual_seed(3 + epoch)))
+    other = next(batches_from(make_loader(TensorImages(images, torch.arange(40)), batch_size=8, seed=4)))[1]
+    assert not torch.equal(other, torch.randperm(40, generator=torch.Generator().manual_seed(3))[:8])
+
+
+def test_loader_needs_exactly_one_full_batch_and_a_positive_batch_size():
+    images, labels = data.synthetic_images(8)
+    loader = make_loader(TensorImages(images, labels), batch_size=8)  # 8 images: one batch, the bound itself
+    assert len(loader) == 1 and next(batches_from(loader))[0].shape == (8, 1, 28, 28)
+    with pytest.raises(UserError, match="dataset has 8 images, fewer than one batch of 9 per rank"):
+        make_loader(TensorImages(images, labels), batch_size=9)
+    with pytest.raises(UserError, match="--batch-size must be positive, got 0"):
+        make_loader(TensorImages(images, labels), batch_size=0)

@@ -36,3 +36,17 @@ def test_loss_curve_is_written(tmp_path):
     path = plot_curves(rows, tmp_path / "loss.png")
     assert path.exists() and Image.open(path).size[0] > 100
     assert plot_curves([], tmp_path / "none.png") is None
+
+
+def test_grid_maps_the_value_range_and_pads_white(tmp_path):
+    """Three flat images at the range's low end, middle and high end: pixels 0, 128, 255; the padding 255.
+    uint8 input and a (0, 1) range give the same picture as floats in the default (-1, 1)."""
+    inputs = {"sym": (torch.tensor([-1.0, 0.0, 1.0]), {}), "unit": (torch.tensor([0.0, 0.5, 1.0]),
+                                                                     {"value_range": (0.0, 1.0)}),
+              "u8": (torch.tensor([0, 128, 255], dtype=torch.uint8), {})}
+    for name, (levels, kwargs) in inputs.items():
+        images = levels.view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+        grid = np.asarray(Image.open(save_grid(images, tmp_path / f"{name}.png", nrow=3, **kwargs)).convert("L"))
+        assert grid.shape == (4 + 4, 3 * 6 + 2), name
+        assert [int(grid[4, 2 + 6 * i + 2]) for i in range(3)] == [0, 128, 255], name  # each image's centre
+        assert (grid[:2] == 255).all() and (grid[:, :2] == 255).all(), name  # the padding

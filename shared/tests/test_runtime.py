@@ -66,3 +66,17 @@ def test_torchrun_all_reduces_gradients(tmp_path):
     model(x).pow(2).mean().backward()
     torch.optim.SGD(model.parameters(), lr=0.01).step()
     assert torch.allclose(r0["weight"], model.weight.detach(), atol=1e-6)
+
+
+def test_rng_state_keeps_the_cached_gaussians(tmp_path):
+    """random.gauss and np.random.randn draw normals in pairs and cache the second: a resume must carry the cache,
+    or its next normal is a fresh one rather than the one an uninterrupted run would have drawn."""
+    seed_everything(2)
+    random.gauss(0.0, 1.0), np.random.randn(), torch.randn(1)  # one of a pair: the other waits in each cache
+    save_checkpoint({"stage": "00_toy", "rng": rng_state()}, tmp_path / "ckpt.pt")
+    expected = random.gauss(0.0, 1.0), float(np.random.randn()), torch.randn(3)
+    seed_everything(99)
+    random.gauss(0.0, 1.0), np.random.randn()  # the caches now hold this seed's normals
+    set_rng_state(load_checkpoint(tmp_path / "ckpt.pt")["rng"])
+    got = random.gauss(0.0, 1.0), float(np.random.randn()), torch.randn(3)
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
