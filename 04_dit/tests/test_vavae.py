@@ -124,13 +124,17 @@ def test_distance_matrix_loss_zero_for_same_structure_and_matches_brute_force():
     assert marginal_distance_matrix_loss(z, f, 2.0).item() == 0.0  # |difference| <= 2 < any margin above it
 
 
-def test_adaptive_weight_balances_the_gradients_at_the_last_encoder_layer():
+def tiny_ae_batch():
+    """A width-4 autoencoder, four random images, their foundation features, its output and L_rec."""
     torch.manual_seed(0)
     ae = Autoencoder(AEConfig(width=4))
     x = torch.rand(4, 1, 28, 28) * 2 - 1
-    f = foundation_features(load_classifier(), x)
     out = ae(x)
-    rec = ae_losses(out, x, 1e-3)["rec"]
+    return ae, foundation_features(load_classifier(), x), out, ae_losses(out, x, 1e-3)["rec"]
+
+
+def test_adaptive_weight_balances_the_gradients_at_the_last_encoder_layer():
+    ae, f, out, rec = tiny_ae_batch()
     vf = vf_loss(ae, out["z"], f, rec, m1=0.0, m2=0.0, w_hyper=1.0)
     w, W = vf["w_adaptive"], ae.conv_out.weight
     g_rec = torch.autograd.grad(rec, W, retain_graph=True)[0].norm()
@@ -146,12 +150,7 @@ def test_vf_loss_is_w_hyper_times_w_adaptive_times_both_terms():
     with Z' = W Z written out (Eq. 17), both terms recomputed from it, and w (Eq. 20) the ratio of the gradient norms
     of L_rec and L_mcos + L_mdms at the encoder's output conv. The weighted VF gradient there is then w_hyper times
     the reconstruction gradient's norm, and halving w_hyper halves L_vf (w_hyper = 1 alone cannot see it dropped)."""
-    torch.manual_seed(0)
-    ae = Autoencoder(AEConfig(width=4))
-    x = torch.rand(4, 1, 28, 28) * 2 - 1
-    f = foundation_features(load_classifier(), x)
-    out = ae(x)
-    rec = ae_losses(out, x, 1e-3)["rec"]
+    ae, f, out, rec = tiny_ae_batch()
     m1, m2, w_hyper = 0.5, 0.25, 0.5
     vf = vf_loss(ae, out["z"], f, rec, m1=m1, m2=m2, w_hyper=w_hyper)
     z_proj = torch.einsum("oc,bchw->bohw", ae.proj.weight[:, :, 0, 0], out["z"])  # Eq. (17), per latent pixel
