@@ -18,7 +18,7 @@ from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_unit
 from shared.experiment import Run
-from shared.runtime import autocast
+from shared.runtime import autocast, to_device
 
 STAGE = "01_vae"
 TEST_SEED = 1234  # the one Bernoulli draw of the test set
@@ -120,7 +120,7 @@ def main(cfg: TrainConfig):
 
         for step in run.steps():
             x, _ = next(batches)
-            x = binarize(x).to(run.device)           # (B, 1, 28, 28) in {0, 1}: a fresh draw every batch
+            x = to_device(binarize(x), run.device)   # (B, 1, 28, 28) in {0, 1}: a fresh draw every batch
             with autocast(run.device, cfg.amp):      # bf16 on CUDA with --amp; a no-op on CPU
                 if cfg.method == "aevb":
                     terms = elbo(net, x, cfg.beta, cfg.latent_samples)  # SGVB estimator, Eq. (7)

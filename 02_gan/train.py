@@ -20,7 +20,7 @@ from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import TensorImages, batches_from, load_images, make_loader, to_symmetric, to_unit
 from shared.experiment import Run
-from shared.runtime import autocast
+from shared.runtime import autocast, to_device
 
 STAGE = "02_gan"
 PAPER_TRAIN_IMAGES = 50_000  # the paper trains on the first 50k MNIST images; the last 10k pick the Parzen sigma
@@ -211,15 +211,14 @@ def main(cfg: TrainConfig):
                 for group in opt_g.param_groups + opt_d.param_groups:
                     group["lr"], group["momentum"] = lr, momentum
             if cfg.update == "simultaneous":  # the released code: one forward pass, both players step (no gnorm)
-                x, _ = next(batches)
-                run.log(step, **simultaneous_step(G_train, D_train, opt_g, opt_d, to_data(x).to(run.device), gan_cfg,
-                                                  cfg.loss, cfg.d_loss_scale, cfg.amp))
+                x = to_device(to_data(next(batches)[0]), run.device)
+                run.log(step, **simultaneous_step(G_train, D_train, opt_g, opt_d, x, gan_cfg, cfg.loss,
+                                                  cfg.d_loss_scale, cfg.amp))
             else:
                 d_steps = []
                 for _ in range(cfg.k):  # Algorithm 1: k steps on D ...
-                    x, _ = next(batches)
-                    d_steps.append(discriminator_step(G_train, D_train, opt_d, to_data(x).to(run.device), gan_cfg,
-                                                      cfg.amp, cfg.d_loss_scale))
+                    x = to_device(to_data(next(batches)[0]), run.device)
+                    d_steps.append(discriminator_step(G_train, D_train, opt_d, x, gan_cfg, cfg.amp, cfg.d_loss_scale))
                 d_stats = {key: sum(s[key] for s in d_steps) / cfg.k for key in d_steps[0]}  # all k logged
                 # only on a logging step: the norms' own row below flushes the running averages of the losses
                 measure = cfg.diag_every > 0 and step % cfg.diag_every == 0 and step % cfg.log_every == 0

@@ -60,6 +60,13 @@ class Diffusion:
         self.beta_tilde = (1 - ab_prev) / (1 - self.alpha_bar).clamp(min=1e-20) * self.beta  # Eq. (7)
         self.alpha_bar_prev = ab_prev
 
+    def to(self, device) -> Diffusion:
+        """Moves the tables to ``device``, once: otherwise every a[t] for timesteps on a GPU copies a table from
+        the host, and such a copy makes the host wait for the GPU to finish its queued work."""
+        for name in ("beta", "alpha", "alpha_bar", "alpha_bar_prev", "beta_tilde"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def sigma2(self, kind: str = "beta") -> torch.Tensor:
         """The reverse-process variance sigma_t^2 (§3.2): beta_t (optimal for x_0 ~ N(0, I)) or beta_tilde_t
         (optimal for one fixed x_0); the two bound the true one, and Ho et al. saw similar samples with both."""

@@ -14,7 +14,7 @@ from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_symmetric
 from shared.experiment import Run
-from shared.runtime import autocast
+from shared.runtime import autocast, to_device
 
 STAGE = "03_ddpm"
 
@@ -81,6 +81,7 @@ def main(cfg: TrainConfig):
     with Run(STAGE, cfg) as run:
         images, labels = load_images(cfg.dataset)  # uint8 (N, 1, 28, 28); no flips for digits
         model = build_unet(cfg.model, cfg.dropout).to(run.device)
+        diffusion.to(run.device)  # its tables beside the network
         ema = copy.deepcopy(model).eval().requires_grad_(False)  # dropout off in the EMA copy
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         run.restore(model=model, ema=ema, optimizer=opt)
@@ -90,7 +91,7 @@ def main(cfg: TrainConfig):
 
         # ---- Algorithm 1: x_0 ~ q(x_0), t ~ U{1..T}, eps ~ N(0, I), step on || eps - eps_theta(x_t, t) ||^2 ----
         for step in run.steps():
-            x0 = to_symmetric(next(batches)[0]).to(run.device)  # (B, 1, 28, 28) in [-1, 1]
+            x0 = to_device(to_symmetric(next(batches)[0]), run.device)  # (B, 1, 28, 28) in [-1, 1]
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
             with autocast(run.device, cfg.amp):

@@ -21,7 +21,7 @@ from vavae import Autoencoder, decode_latents, prepare_latents
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_symmetric
 from shared.experiment import Run
-from shared.runtime import autocast
+from shared.runtime import autocast, to_device
 
 STAGE = "04_dit"
 
@@ -109,7 +109,7 @@ def main(cfg: TrainConfig):
         for step in run.steps():
             x, y = next(batches)
             x0 = to_symmetric(x) if ae is None else x  # (B, 1, 28, 28) pixels in [-1, 1], or (B, 4, 7, 7) latents
-            x0, y = x0.to(run.device), y.to(run.device)
+            x0, y = to_device(x0, run.device), to_device(y, run.device)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
             with autocast(run.device, cfg.amp):

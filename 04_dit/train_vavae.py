@@ -20,6 +20,7 @@ from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_symmetric
 from shared.experiment import Run
 from shared.images import to_uint8
+from shared.runtime import to_device
 
 STAGE = AE_STAGE  # its own experiments/ folder, so that sample.py never mistakes it for a DiT run
 
@@ -75,7 +76,7 @@ def main(cfg: TrainConfig) -> dict:
         batches = run.batches(images, labels, cfg.batch_size)
         for step in run.steps():
             x, _ = next(batches)
-            x = to_symmetric(x).to(run.device)  # (B, 1, 28, 28) in [-1, 1]
+            x = to_device(to_symmetric(x), run.device)  # (B, 1, 28, 28) in [-1, 1]
             out = net(x)  # z = mu + sigma eps (Eq. 14), x_hat = decode(z)
             losses = ae_losses(out, x, cfg.beta)  # Eq. (16)
             loss = losses["ae"]

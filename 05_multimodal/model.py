@@ -97,7 +97,7 @@ class TextEncoder(nn.Module):
             h = block(h, keep)
         h = self.ln_f(h)
         eos = (ids == self.eos_id).int().argmax(1)  # (B,) first <eos>
-        return h, h[torch.arange(len(ids)), eos]
+        return h, h[torch.arange(len(ids), device=ids.device), eos]  # index on the device: no host copy
 
 
 class ImageEncoder(nn.Module):

@@ -22,7 +22,7 @@ from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_unit
 from shared.experiment import Run
-from shared.runtime import autocast
+from shared.runtime import autocast, to_device
 
 STAGE = "05_multimodal"
 
@@ -139,12 +139,12 @@ def drop_captions(ids: torch.Tensor, p_uncond: float, null_ids: torch.Tensor,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Caption dropout for classifier-free guidance (README Eq. 8): each caption of ``ids`` (B, L) becomes the
     empty prompt ``null_ids`` (1, L), with probability ``p_uncond``, so that v(z, t, null) learns the
-    unconditional velocity that the samplers guide away from. Replaces rows of ``ids`` in place and returns it."""
+    unconditional velocity that the samplers guide away from."""
     # One uniform per row, drawn on the CPU whatever the device: the RNG stream, and with it a resumed run, does
     # not depend on where the model trains
     drop = torch.rand(len(ids), generator=generator) < p_uncond  # (B,)
-    ids[drop.to(ids.device)] = null_ids
-    return ids
+    # torch.where, not ids[drop] = ...: a boolean index must count its True rows on the host, a GPU sync per step
+    return torch.where(to_device(drop, ids.device)[:, None], null_ids, ids)  # (B, L)
 
 
 @torch.no_grad()
@@ -185,7 +185,7 @@ def main(cfg: TrainConfig):
         for step in run.steps():
             x_u8, y = next(batches)
             x, ids, _ = make_batch(x_u8, y, tok, cfg.p_small, two_digit=cfg.two_digit and step > cfg.clip_steps)
-            x, ids = x.to(run.device), ids.to(run.device)
+            x, ids = to_device(x, run.device), to_device(ids, run.device)
             if step <= cfg.clip_steps:  # ---- phase 1: mini-CLIP, Eq. (1)-(2)
                 for group in clip_opt.param_groups:
                     group["lr"] = cfg.clip_lr * min(1.0, step / 100)
@@ -204,7 +204,7 @@ def main(cfg: TrainConfig):
                 model.clip.eval().requires_grad_(False)
                 ids = drop_captions(ids, cfg.p_uncond, null_ids)
                 cond = model.condition(ids)
-                t = logit_normal_t(len(x), cfg.t_mean, cfg.t_std).to(run.device)
+                t = to_device(logit_normal_t(len(x), cfg.t_mean, cfg.t_std), run.device)
                 eps = torch.randn_like(x)
                 with autocast(run.device, cfg.amp):
                     loss = rectified_flow_loss(velocity, x, cond, t, eps)

@@ -33,6 +33,7 @@ from shared.checkpoint import load_checkpoint, provenance, save_checkpoint
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_unit
 from shared.experiment import Run
+from shared.runtime import to_device
 
 STAGE = "classifier"
 WEIGHTS = REPO_ROOT / "shared" / "weights" / "classifier.pt"
@@ -167,11 +168,11 @@ def main(cfg: TrainConfig) -> dict:
         batches = run.batches(images, labels, cfg.batch_size)
         for step in run.steps():
             x, y = next(batches)
-            x = random_shift(to_unit(x), cfg.shift).to(run.device)  # (B, 1, 28, 28) in [0, 1]
+            x = to_device(random_shift(to_unit(x), cfg.shift), run.device)  # (B, 1, 28, 28) in [0, 1]
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             net.train()
-            loss = F.cross_entropy(net(x), y.to(run.device))
+            loss = F.cross_entropy(net(x), to_device(y, run.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -39,6 +39,18 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x.to(device)``, except that a CPU tensor bound for CUDA goes through pinned memory with ``non_blocking``.
+
+    A copy from ordinary (pageable) host memory makes the host wait until every kernel already queued on the GPU
+    has finished, so a training loop that moves its batch each step could never queue the next step while the GPU
+    runs this one. From pinned memory the copy is queued like a kernel; PyTorch's caching host allocator keeps the
+    pinned buffer alive until the copy is done. On the CPU (and MPS) this is plain ``x.to(device)``."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU runs stay in float32, bit-reproducible)."""
     if enabled and device.type == "cuda":

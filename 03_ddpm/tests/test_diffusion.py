@@ -56,6 +56,16 @@ def test_unknown_schedule_or_variance_is_an_error(diffusion):
     assert diffusion.sigma2("beta_tilde")[1] == 0 and diffusion.sigma2("beta")[1] > 0  # the two named kinds differ
 
 
+def test_to_moves_every_table_and_keeps_its_values():
+    """Training moves the schedule to the GPU once (Diffusion.to); a table left behind would be copied from the
+    host at every a[t]. The meta device stands in for the GPU."""
+    d, cpu = Diffusion(T=10).to("meta"), Diffusion(T=10)
+    tables = {name: v for name, v in vars(d).items() if isinstance(v, torch.Tensor)}
+    assert len(tables) == 5 and all(v.device.type == "meta" for v in tables.values())
+    cpu.to("cpu")
+    assert all(torch.equal(getattr(cpu, name), getattr(Diffusion(T=10), name)) for name in tables)
+
+
 def test_q_sample_has_the_moments_of_eq_4(diffusion):
     g = torch.Generator().manual_seed(0)
     x0 = torch.tensor([-1.0, -0.3, 0.5, 1.0]).reshape(4, 1, 1, 1).expand(4, 1, 1, 20000)

@@ -25,7 +25,7 @@ from shared.cli import (
     run_entry,
     validate,
 )
-from shared.experiment import find_checkpoint
+from shared.experiment import Run, find_checkpoint
 from shared.testing import checkpoints_equal, run_interrupted_and_straight, run_script, same_training
 
 TOY = Path(toy_train.__file__)
@@ -333,3 +333,29 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
     with pytest.raises(SystemExit) as exit_:
         run_entry(interrupted)
     assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_batches_come_in_the_order_the_runs_seed_fixes(smoke):
+    """Run.batches shuffles with cfg.seed: two seeds, two orders; a seed, one order (epoch 0's permutation)."""
+    images, labels = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1), torch.arange(64)
+
+    def first_labels(seed: int, name: str) -> list[int]:
+        with Run(toy_train.STAGE, dataclasses.replace(smoke, seed=seed, run_name=name)) as run:
+            batches = run.batches(images, labels, 16)
+            return [int(i) for _ in range(4) for i in next(batches)[1]]  # one epoch
+
+    seed_3 = first_labels(3, "a")
+    assert sorted(seed_3) == list(range(64))
+    assert seed_3 == first_labels(3, "b") != first_labels(4, "c")
+    permutation = torch.randperm(64, generator=torch.Generator().manual_seed(3)).tolist()  # DistributedSampler's
+    assert seed_3 == permutation
+
+
+def test_max_minutes_counts_minutes(smoke, monkeypatch):
+    """--max-minutes 0.5 on a clock that advances 10 s per step stops after the step that passes 30 s."""
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with Run(toy_train.STAGE, dataclasses.replace(smoke, max_minutes=0.5, steps=100)) as run:
+        for step in run.steps():
+            clock[0] = 10.0 * step
+    assert run.step == 4 and run.stop_reason == "--max-minutes 0.5"

@@ -11,7 +11,7 @@ import torch
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.runtime import autocast, choose_device, rng_state, seed_everything, set_rng_state
+from shared.runtime import autocast, choose_device, rng_state, seed_everything, set_rng_state, to_device
 
 
 def _draw():
@@ -49,6 +49,29 @@ def test_devices_and_autocast():
             choose_device("cuda")
     with autocast(torch.device("cpu"), enabled=True):  # off on CPU: float32 stays float32
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_to_device_pins_and_does_not_block_only_from_the_cpu_to_cuda(monkeypatch):
+    """No GPU here, so the copies are recorded, not made: CPU -> CUDA goes pinned and non-blocking (a pageable
+    copy would make the host wait for the GPU's queue); every other move is a plain .to(device)."""
+    calls, plain_to = [], torch.Tensor.to
+
+    def recording_to(self, device, non_blocking=False):
+        calls.append((self.device.type, str(device), non_blocking, self.is_pinned()))
+        return self if torch.device(device).type == "cuda" else plain_to(self, device)
+
+    def pin_memory(self):  # a pinned tensor is recognisable by this flag here
+        pinned = self.clone()
+        pinned.is_pinned = lambda: True
+        return pinned
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    x = torch.arange(6.0)
+    assert torch.equal(to_device(x, torch.device("cuda", 1)), x)
+    assert torch.equal(to_device(x, torch.device("cpu")), x)
+    to_device(torch.empty(2, device="meta"), torch.device("cuda"))  # not on the CPU: nothing to pin
+    assert calls == [("cpu", "cuda:1", True, True), ("cpu", "cpu", False, False), ("meta", "cuda", False, False)]
 
 
 def test_torchrun_all_reduces_gradients(tmp_path):

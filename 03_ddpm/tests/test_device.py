@@ -1,0 +1,66 @@
+"""Device placement: Algorithm 1's step, the samplers, DDIM inversion and the bound run with the U-Net on "meta".
+
+The meta device stands in for CUDA on a machine without a GPU: tensors have a shape but no data, and mixing one
+with a CPU tensor raises, as on CUDA. Caveats: .item(), .cpu(), printing and torch.Generator("meta") fail on meta
+(all work on CUDA); indexing a CPU tensor with a meta index silently stays on the CPU (CUDA raises), so every
+output's device is checked too.
+"""
+
+import copy
+
+import pytest
+import torch
+from diffusion import Diffusion
+from model import build_unet
+from train import update_ema
+
+META = torch.device("meta")
+SHAPE = (2, 1, 28, 28)
+
+
+def on_meta(*tensors) -> bool:
+    return all(t.device.type == "meta" for t in tensors)
+
+
+@pytest.fixture
+def net():
+    return build_unet("tiny").to(META)
+
+
+@pytest.fixture
+def diffusion():
+    """The schedule's tables stay on the CPU, as sample.py leaves them. (train.py moves them to the device; its
+    samplers then read alpha_bar[t].item() from the device, which meta cannot do.)"""
+    return Diffusion(T=10)
+
+
+@pytest.mark.parametrize("tables", ["cpu", "meta"])
+def test_training_step_on_meta(net, tables):
+    diffusion = Diffusion(T=10).to(tables)  # train.py: diffusion.to(run.device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss = diffusion.loss_simple(net, torch.empty(SHAPE, device=META))
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    update_ema(ema, net, 0.9)
+    assert on_meta(loss, grad_norm, *(p.grad for p in net.parameters()), *ema.parameters())
+
+
+@pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
+def test_sample_ddpm_on_meta(net, diffusion, sigma):
+    assert on_meta(diffusion.sample_ddpm(net, SHAPE, sigma=sigma, device=META))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sample_ddim_on_meta(net, diffusion, eta):
+    assert on_meta(diffusion.sample_ddim(net, SHAPE, S=3, eta=eta, device=META))
+
+
+def test_ddim_invert_on_meta(net, diffusion):
+    assert on_meta(diffusion.ddim_invert(net, torch.empty(SHAPE, device=META), S=3))
+
+
+@pytest.mark.parametrize("num_t", [0, 2])  # every term, or two random draws of t per image
+def test_bits_per_dim_on_meta(net, diffusion, num_t):
+    assert on_meta(diffusion.bits_per_dim(net, torch.empty(SHAPE, device=META), num_t=num_t))
