@@ -33,7 +33,7 @@ from shared.checkpoint import load_checkpoint, provenance, save_checkpoint
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_unit
 from shared.experiment import Run
-from shared.runtime import to_device
+from shared.runtime import full_float32, to_device
 
 STAGE = "classifier"
 WEIGHTS = REPO_ROOT / "shared" / "weights" / "classifier.pt"
@@ -94,9 +94,9 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
     """``(features (N, 128), logits (N, 10))`` on the CPU for uint8 images ``(N, 1, 28, 28)``, in batches."""
     device = next(model.parameters()).device
     feats, logits = [], []
-    # Full float32 convolutions on CUDA too (cuDNN would use TF32), as the cached reference statistics were
-    # computed on the CPU: FID compares features from both.
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+    # Full float32 on CUDA too (no TF32), as the cached reference statistics were computed on the CPU: FID
+    # compares features from both.
+    with full_float32():
         for i in range(0, len(images), batch_size):
             x = to_unit(images[i:i + batch_size]).to(device)
             f = model.features(x)

@@ -41,7 +41,16 @@ from shared.checkpoint import git_hash, load_checkpoint, load_error, provenance,
 from shared.cli import TrainingDiverged
 from shared.data import TensorImages, batches_from, make_loader
 from shared.images import plot_curves, read_metrics, save_grid
-from shared.runtime import choose_device, ddp_setup, ddp_teardown, print0, rng_state, seed_everything, set_rng_state
+from shared.runtime import (
+    allow_tf32,
+    choose_device,
+    ddp_setup,
+    ddp_teardown,
+    print0,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 CKPT_NAME = "ckpt.pt"
 # printed when a run stops early; a script that drives train.py itself (04_dit/ladder.py) blanks it and says how
@@ -99,6 +108,7 @@ class Run:
         self.stage, self.cfg = stage, cfg
         self.dist = ddp_setup(cfg.device)
         self.device = choose_device(cfg.device)
+        allow_tf32(self.device)
         # Every rank builds the same initial weights (and EMA copies) from one seed; restore() gives each rank
         # its own noise once the models exist.
         seed_everything(cfg.seed)

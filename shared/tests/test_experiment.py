@@ -359,3 +359,14 @@ def test_max_minutes_counts_minutes(smoke, monkeypatch):
         for step in run.steps():
             clock[0] = 10.0 * step
     assert run.step == 4 and run.stop_reason == "--max-minutes 0.5"
+
+
+def test_a_run_on_cuda_allows_tf32(smoke, monkeypatch):
+    """No GPU here: the device is only named. Training on CUDA lets float32 matmuls use TF32 (runtime.allow_tf32)."""
+    before = torch.get_float32_matmul_precision()
+    monkeypatch.setattr("shared.experiment.choose_device", lambda name: torch.device("cuda"))
+    try:
+        Run(toy_train.STAGE, smoke)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -11,7 +11,17 @@ import torch
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.runtime import autocast, choose_device, rng_state, seed_everything, set_rng_state, to_device
+from shared.classifier import MNISTClassifier, predict
+from shared.runtime import (
+    allow_tf32,
+    autocast,
+    choose_device,
+    full_float32,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    to_device,
+)
 
 
 def _draw():
@@ -72,6 +82,29 @@ def test_to_device_pins_and_does_not_block_only_from_the_cpu_to_cuda(monkeypatch
     assert torch.equal(to_device(x, torch.device("cpu")), x)
     to_device(torch.empty(2, device="meta"), torch.device("cuda"))  # not on the CPU: nothing to pin
     assert calls == [("cpu", "cuda:1", True, True), ("cpu", "cpu", False, False), ("meta", "cuda", False, False)]
+
+
+def test_tf32_is_for_training_on_cuda_and_never_for_the_metrics_classifier(monkeypatch):
+    """The flags only (no GPU here): allow_tf32 leaves the CPU alone, and the classifier's features are computed
+    in full float32 (the reference statistics came from the CPU) even after a training run allowed TF32."""
+    before = torch.get_float32_matmul_precision()
+    seen = []
+    model = MNISTClassifier().eval()
+    features = model.features
+    monkeypatch.setattr(model, "features", lambda x: seen.append(
+        (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)) or features(x))
+    try:
+        allow_tf32(torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"  # CPU runs stay bit-reproducible
+        allow_tf32(torch.device("cuda", 0))
+        assert torch.get_float32_matmul_precision() == "high"
+        with full_float32():
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32  # restored
+        predict(model, torch.zeros(3, 1, 28, 28, dtype=torch.uint8), batch_size=2)
+        assert seen == [("highest", False)] * 2
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_torchrun_all_reduces_gradients(tmp_path):
