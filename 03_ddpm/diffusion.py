@@ -139,14 +139,14 @@ class Diffusion:
         ``trace`` (a list), when given, receives (t, x_t, x_hat_0 predicted from x_t) for t = T..1, then
         (0, x_0, x_0): every entry pairs a state with the network's guess made from that same state (Fig. 6)."""
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-        sigma2 = self.sigma2(sigma)
+        sigmas = self.sigma2(sigma).sqrt().tolist()  # numbers on the host: reading a GPU table waits for the GPU
         for t in range(self.T, 0, -1):
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
             mu, x0_hat = self.p_mean(eps_theta, x, tt, clip)
             if trace is not None:
                 trace.append((t, x, x0_hat))
             z = torch.randn(shape, generator=generator, device=device) if t > 1 else torch.zeros_like(x)
-            x = mu + math.sqrt(sigma2[t]) * z
+            x = mu + sigmas[t] * z
         if trace is not None:
             trace.append((0, x, x))
         return x
@@ -177,9 +177,10 @@ class Diffusion:
         """
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
         taus = self.ddim_timesteps(S)
+        alpha_bar = self.alpha_bar.tolist()  # numbers on the host: reading a GPU table waits for the GPU
         for t, s in zip(reversed(taus), [*reversed(taus[:-1]), 0]):  # t -> s, the next smaller step
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            ab_t, ab_s = self.alpha_bar[t].item(), self.alpha_bar[s].item()
+            ab_t, ab_s = alpha_bar[t], alpha_bar[s]
             eps = eps_theta(x, tt)
             x0_hat = self.predict_x0(x, tt, eps)
             if clip:  # clamp x_hat_0 and keep (x_hat_0, eps) consistent with x_t
@@ -201,11 +202,12 @@ class Diffusion:
         their ODE Eq. (14)): x_s = sqrt(ab_s) x_hat_0 + sqrt(1 - ab_s) eps_theta(x_t, t) for t < s."""
         x = x0
         taus = [0, *self.ddim_timesteps(S)]
+        alpha_bar = self.alpha_bar.tolist()
         for t, s in zip(taus[:-1], taus[1:]):
             tt = torch.full((x.shape[0],), max(t, 1), device=x.device, dtype=torch.long)  # eps_theta at t=0 ~ t=1
             eps = eps_theta(x, tt)
             x0_hat = x if t == 0 else self.predict_x0(x, tt, eps)
-            x = math.sqrt(self.alpha_bar[s].item()) * x0_hat + math.sqrt(1 - self.alpha_bar[s].item()) * eps
+            x = math.sqrt(alpha_bar[s]) * x0_hat + math.sqrt(1 - alpha_bar[s]) * eps
         return x
 
     # --------------------------------------------------------------------------------------------------------

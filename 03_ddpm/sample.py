@@ -37,7 +37,7 @@ def load_model(path: Path, device) -> tuple[torch.nn.Module, Diffusion, dict]:
         model.load_state_dict({k: v.float() for k, v in weights.items()})
     except RuntimeError as err:
         raise UserError(f"{path} does not fit the U-Net '{cfg['model']}' ({load_error(err)})") from None
-    return model.to(device).eval(), make_diffusion(cfg), ckpt
+    return model.to(device).eval(), make_diffusion(cfg).to(device), ckpt
 
 
 def generate(model, diffusion: Diffusion, n: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,

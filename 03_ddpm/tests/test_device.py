@@ -7,11 +7,13 @@ output's device is checked too.
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from diffusion import Diffusion
 from model import build_unet
+from sample import load_model
 from train import update_ema
 
 META = torch.device("meta")
@@ -29,8 +31,8 @@ def net():
 
 @pytest.fixture
 def diffusion():
-    """The schedule's tables stay on the CPU, as sample.py leaves them. (train.py moves them to the device; its
-    samplers then read alpha_bar[t].item() from the device, which meta cannot do.)"""
+    """The schedule's tables on the CPU: the samplers first copy the numbers they need to the host (.tolist()),
+    which meta cannot do (on CUDA it is one wait per sampler call, not one per step)."""
     return Diffusion(T=10)
 
 
@@ -64,3 +66,9 @@ def test_ddim_invert_on_meta(net, diffusion):
 @pytest.mark.parametrize("num_t", [0, 2])  # every term, or two random draws of t per image
 def test_bits_per_dim_on_meta(net, diffusion, num_t):
     assert on_meta(diffusion.bits_per_dim(net, torch.empty(SHAPE, device=META), num_t=num_t))
+
+
+def test_sample_py_puts_the_schedule_beside_the_network():
+    model, diffusion, _ = load_model(Path(__file__).parents[1] / "pretrained" / "mnist.pt", META)
+    tables = [v for v in vars(diffusion).values() if isinstance(v, torch.Tensor)]
+    assert on_meta(*model.parameters(), *tables) and len(tables) == 5
