@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shared.runtime import to_device
+
 T_STEPS = 1000  # DDPM's T; flow time t in [0, 1] is shown to the network as 1000 t
 
 
@@ -84,9 +86,9 @@ def ddim_sample(model, noise, y, steps: int, cfg_scale: float, null_class: int, 
         x = ab_prev ** 0.5 * x0 + (1 - ab_prev - sigma ** 2) ** 0.5 * eps  # Eq. (4)
         if sigma > 0:
             # Drawn where the generator lives (sample.py's is a CPU one, which CUDA/MPS cannot draw from), then
-            # moved: the same seed gives the same noise on every device.
+            # moved without blocking: the same seed gives the same noise on every device.
             where = generator.device if generator is not None else x.device
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=where).to(x.device)
+            x = x + sigma * to_device(torch.randn(x.shape, generator=generator, device=where), x.device)
         if trajectory is not None:
             trajectory.append(x.clone())
     return x
