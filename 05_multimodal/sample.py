@@ -32,11 +32,16 @@ from shared.runtime import choose_device
 STAGE_DIR = Path(__file__).parent
 
 
-def load_model(path: Path, device, weights: str = "model") -> tuple[TextToImage, Tokenizer, TrainConfig]:
-    """The model, tokenizer and training config of a checkpoint, with its raw ("model") or EMA weights."""
+def load_model(path: Path, device, weights: str = "ema") -> tuple[TextToImage, Tokenizer, TrainConfig]:
+    """The model, tokenizer and training config of a checkpoint, with its EMA ("ema") or raw ("model") weights.
+
+    A training checkpoint holds both. An exported file (pretrained/mnist.pt) holds one set, as "model", and
+    names it under "weights" (files exported before that held the raw weights); asking for the other is an error,
+    not a silent swap."""
     ckpt = load_checkpoint(path, STAGE)
-    if weights not in ckpt:  # pretrained/ files hold one set, the raw weights, as "model"
-        raise UserError(f"--weights {weights}: {path} holds no {weights!r} weights; use --weights model")
+    held = ["ema", "model"] if "ema" in ckpt else [ckpt.get("weights", "model")]
+    if weights not in held:
+        raise UserError(f"--weights {weights}: {path} holds only the {held[0]!r} weights; use --weights {held[0]}")
     raw = dict(ckpt["config"])
     # Runs from before the position flags had learned positions on both streams; a short-lived "auto" meant
     # sin-cos on the two-digit canvas and learned otherwise.
@@ -47,7 +52,7 @@ def load_model(path: Path, device, weights: str = "model") -> tuple[TextToImage,
     cfg = TrainConfig(**{k: v for k, v in raw.items() if k in TrainConfig.__dataclass_fields__})
     tok = Tokenizer()
     model = build(cfg, tok)
-    state = ckpt[weights]
+    state = ckpt[weights] if "ema" in ckpt else ckpt["model"]
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as err:
@@ -117,9 +122,9 @@ def add_guidance_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                         help="guide only while LO <= t <= HI, 0 <= LO < HI <= 1 (t = 1 is noise); plain conditional "
                         "elsewhere")
-    parser.add_argument("--weights", default="model", choices=("ema", "model"), help="a training checkpoint's "
-                        "raw or EMA weights (raw by default, as in the README's tables; pretrained/mnist.pt holds only "
-                        "the raw ones; the EMA measured slightly better on three seeds, README section 6)")
+    parser.add_argument("--weights", default="ema", choices=("ema", "model"), help="a training checkpoint's "
+                        "EMA (the default, and all pretrained/mnist.pt holds) or raw weights (README section 6 "
+                        "compares them)")
 
 
 def check_guidance_args(args: argparse.Namespace) -> None:

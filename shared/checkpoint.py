@@ -107,12 +107,14 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
 
 
 def export_weights(ckpt: dict, path: str | Path, key: str = "ema", half: bool = False) -> Path:
-    """Keep only provenance and one set of weights (EMA by default): what ``pretrained/mnist.pt`` holds."""
-    weights = ckpt[key] if key in ckpt else ckpt["model"]
+    """Keep only provenance and one set of weights (EMA by default): what ``pretrained/mnist.pt`` holds, as
+    "model", with "weights" naming the set it came from ("ema", or "model" for a run without an EMA)."""
+    key = key if key in ckpt else "model"
+    weights = ckpt[key]
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     keep = ("stage", "config", "seed", "step", "git_hash", "torch_version", "cpu", "created")
-    return save_checkpoint({**{k: ckpt[k] for k in keep if k in ckpt}, "model": weights}, path)
+    return save_checkpoint({**{k: ckpt[k] for k in keep if k in ckpt}, "model": weights, "weights": key}, path)
 
 
 def load_error(err: Exception) -> str:

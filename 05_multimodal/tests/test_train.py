@@ -11,7 +11,7 @@ from captions import Tokenizer, attribute_levels
 from model import info_nce
 
 from shared import UserError
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from shared.cli import config_from_preset, parse_config, run_entry
 from shared.data import load_images
 from shared.testing import (
@@ -221,10 +221,10 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     walk = ["--interpolate", "a 1", "a 7"]
     assert "drop --prompt" in one_line_exit(capsys, sample_script.main, [*walk, "--prompt", "a 2"])
     assert "at least 2" in one_line_exit(capsys, sample_script.main, [*walk, "--num-samples", "1"])
-    pretrained = str(STAGE_DIR / "pretrained" / "mnist.pt")  # raw weights only: --weights ema must not fall back
+    pretrained = str(STAGE_DIR / "pretrained" / "mnist.pt")  # EMA weights only: --weights model must not fall back
     for script in (sample_script, evaluate_script):
         bad = lambda *flags, main=script.main: one_line_exit(capsys, main, ["--ckpt", pretrained, *flags])  # noqa: E731
-        assert "no 'ema' weights" in bad("--weights", "ema")
+        assert "holds only the 'ema' weights" in bad("--weights", "model")
         assert all("--sample-steps" in bad("--sample-steps", steps) for steps in ("0", "-1"))
         for lo, hi in (("1", "0"), ("0.5", "0.5"), ("-0.1", "1"), ("0", "1.5"), ("0", "nan")):
             assert "--cfg-interval" in bad("--cfg-interval", lo, hi)
@@ -279,9 +279,28 @@ def test_checkpoints_from_before_the_position_flags_still_load(tmp_path, two_dig
         old["image_pos"] = "auto"
     path = tmp_path / "old.pt"
     torch.save({"stage": train.STAGE, "config": old, "step": 0, "model": model.state_dict()}, path)
-    loaded, _, loaded_cfg = sample_script.load_model(path, "cpu")
+    loaded, _, loaded_cfg = sample_script.load_model(path, "cpu", weights="model")  # raw: no "weights" field then
     assert loaded_cfg.image_pos == cfg.image_pos
     assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+
+
+def test_the_weights_asked_for_are_the_weights_loaded(tmp_path):
+    """A training checkpoint gives either set; an exported file only the set it names (EMA for pretrained/), and
+    one exported before files named their set only its raw weights; asking for the other set is an error."""
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke")
+    raw = train.build(cfg, Tokenizer()).state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in raw.items()}
+    head = {"stage": train.STAGE, "config": dataclasses.asdict(cfg), "step": cfg.steps}
+    run = save_checkpoint({**head, "model": raw, "ema": ema}, tmp_path / "ckpt.pt")
+    exported = export_weights(load_checkpoint(run), tmp_path / "mnist.pt")
+    old = save_checkpoint({**head, "model": raw}, tmp_path / "old.pt")
+    param = "dit.final.weight"
+    cases = ((run, "ema", ema), (run, "model", raw), (exported, "ema", ema), (old, "model", raw))
+    for path, weights, expected in cases:
+        assert torch.equal(sample_script.load_model(path, "cpu", weights)[0].state_dict()[param], expected[param])
+    for path, weights, held in ((exported, "model", "ema"), (old, "ema", "model")):
+        with pytest.raises(UserError, match=f"holds only the '{held}' weights"):
+            sample_script.load_model(path, "cpu", weights)
 
 
 def test_pretrained_weights_load_and_are_small():
