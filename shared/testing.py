@@ -129,6 +129,18 @@ def readme_commands_that_fail(stage_dir: Path) -> list[str]:
     return failed
 
 
+# The meta device stands in for CUDA in the tests/test_device.py modules (no GPU here): tensors have a shape but
+# no data, and mixing one with a CPU tensor raises, as on CUDA. Caveats: .item(), .cpu(), printing and
+# torch.Generator("meta") fail on meta (all work on CUDA); indexing a CPU tensor with a meta index silently stays
+# on the CPU (CUDA raises), so the tests check every output's device too.
+META = torch.device("meta")
+
+
+def on_meta(*tensors) -> bool:
+    """Whether every tensor is on the meta device."""
+    return all(t.device.type == "meta" for t in tensors)
+
+
 def _same(a, b) -> bool:
     if torch.is_tensor(a) or torch.is_tensor(b):
         return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)

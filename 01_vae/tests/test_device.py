@@ -1,9 +1,6 @@
 """Device placement: every piece train.py and likelihood.py call per step runs with model and data on "meta".
 
-The meta device stands in for CUDA on a machine without a GPU: tensors have a shape but no data, and mixing one
-with a CPU tensor raises, as on CUDA. Caveats: .item(), .cpu(), printing and torch.Generator("meta") fail on meta
-(all work on CUDA); indexing a CPU tensor with a meta index silently stays on the CPU (CUDA raises), so every
-output's device is checked too.
+The meta device stands in for CUDA: see shared/testing.py (META, on_meta).
 """
 
 import pytest
@@ -11,14 +8,12 @@ import torch
 from likelihood import posterior_mean_variance
 from model import VAE, VAEConfig, elbo, importance_sampled_log_px, log_weights, wake_sleep
 
+from shared.testing import on_meta
+
 CONFIGS = {
     "mlp": VAEConfig(arch="mlp", z_dim=2, hidden=16, layers=1, act="tanh"),
     "conv": VAEConfig(arch="conv", z_dim=2, channels=4, blocks=1),
 }
-
-
-def on_meta(*tensors) -> bool:
-    return all(t.device.type == "meta" for t in tensors)
 
 
 @pytest.fixture(params=["mlp", "conv"])

@@ -1,9 +1,6 @@
 """Device placement: the steps of Algorithm 1 that train.py takes, and sampling, run with both players on "meta".
 
-The meta device stands in for CUDA on a machine without a GPU: tensors have a shape but no data, and mixing one
-with a CPU tensor raises, as on CUDA. Caveats: .item(), .cpu(), printing and torch.Generator("meta") fail on meta
-(all work on CUDA); indexing a CPU tensor with a meta index silently stays on the CPU (CUDA raises), so every
-output's device is checked too.
+The meta device stands in for CUDA: see shared/testing.py (META, on_meta).
 """
 
 import pytest
@@ -11,11 +8,7 @@ import torch
 from model import build_gan, model_config, sample_noise
 from train import discriminator_step, generator_step, simultaneous_step
 
-META = torch.device("meta")
-
-
-def on_meta(*tensors) -> bool:
-    return all(t.device.type == "meta" for t in tensors)
+from shared.testing import META, on_meta
 
 
 def grads_on_meta(module) -> bool:

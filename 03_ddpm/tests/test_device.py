@@ -1,9 +1,6 @@
 """Device placement: Algorithm 1's step, the samplers, DDIM inversion and the bound run with the U-Net on "meta".
 
-The meta device stands in for CUDA on a machine without a GPU: tensors have a shape but no data, and mixing one
-with a CPU tensor raises, as on CUDA. Caveats: .item(), .cpu(), printing and torch.Generator("meta") fail on meta
-(all work on CUDA); indexing a CPU tensor with a meta index silently stays on the CPU (CUDA raises), so every
-output's device is checked too.
+The meta device stands in for CUDA: see shared/testing.py (META, on_meta).
 """
 
 import copy
@@ -16,12 +13,9 @@ from model import build_unet
 from sample import load_model
 from train import update_ema
 
-META = torch.device("meta")
+from shared.testing import META, on_meta
+
 SHAPE = (2, 1, 28, 28)
-
-
-def on_meta(*tensors) -> bool:
-    return all(t.device.type == "meta" for t in tensors)
 
 
 @pytest.fixture

@@ -1,9 +1,6 @@
 """Device placement: both objectives, every sampler, the training grids and the VA-VAE step run on "meta".
 
-The meta device stands in for CUDA on a machine without a GPU: tensors have a shape but no data, and mixing one
-with a CPU tensor raises, as on CUDA. Caveats: .item(), .cpu(), printing and torch.Generator("meta") fail on meta
-(all work on CUDA); indexing a CPU tensor with a meta index silently stays on the CPU (CUDA raises), so every
-output's device is checked too.
+The meta device stands in for CUDA: see shared/testing.py (META, on_meta).
 """
 
 import copy
@@ -16,13 +13,9 @@ from train import TrainConfig, build_model, sample_grid, update_ema
 from vavae import AEConfig, Autoencoder, ae_losses, foundation_features, vf_loss
 
 from shared.classifier import MNISTClassifier
+from shared.testing import META, on_meta
 
-META = torch.device("meta")
 VANILLA = dict(swiglu=False, rmsnorm=False, rope=False, qk_norm=False)  # DiT: GELU MLP, LayerNorm, sin-cos only
-
-
-def on_meta(*tensors) -> bool:
-    return all(t.device.type == "meta" for t in tensors)
 
 
 @pytest.fixture(params=["lightning", "vanilla"])

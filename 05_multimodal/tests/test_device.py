@@ -1,9 +1,6 @@
 """Device placement: both training phases, the sample grid and sample.py's samplers run with the model on "meta".
 
-The meta device stands in for CUDA on a machine without a GPU: tensors have a shape but no data, and mixing one
-with a CPU tensor raises, as on CUDA. Caveats: .item(), .cpu(), printing and torch.Generator("meta") fail on meta
-(all work on CUDA); indexing a CPU tensor with a meta index silently stays on the CPU (CUDA raises), so every
-output's device is checked too.
+The meta device stands in for CUDA: see shared/testing.py (META, on_meta).
 """
 
 import copy
@@ -17,18 +14,14 @@ from sample import generate, interpolate_prompts
 from train import TrainConfig, build, class_prompt_ids, drop_captions, ema_update, sample_grid
 
 from shared.runtime import to_device
+from shared.testing import META, on_meta
 
-META = torch.device("meta")
 TOK = Tokenizer()
 VARIANTS = {  # the single-digit default, and the two-digit canvas with each kind of text and image positions
     "single": dict(),
     "two-digit": dict(two_digit=True, text_pos="sincos"),
     "two-digit-learned": dict(two_digit=True, text_pos="learned", image_pos="learned"),
 }
-
-
-def on_meta(*tensors) -> bool:
-    return all(t.device.type == "meta" for t in tensors)
 
 
 @pytest.fixture(params=list(VARIANTS))

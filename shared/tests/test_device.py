@@ -1,9 +1,6 @@
 """Device placement: the frozen classifier and the metrics' tensor maths run on "meta".
 
-The meta device stands in for CUDA on a machine without a GPU: tensors have a shape but no data, and mixing one
-with a CPU tensor raises, as on CUDA. Caveats: .item(), .cpu(), printing and torch.Generator("meta") fail on meta
-(all work on CUDA); indexing a CPU tensor with a meta index silently stays on the CPU (CUDA raises), so every
-output's device is checked too.
+The meta device stands in for CUDA: see shared/testing.py (META, on_meta).
 """
 
 import pytest
@@ -12,13 +9,9 @@ import torch.nn.functional as F
 
 from shared.classifier import MNISTClassifier
 from shared.metrics import knn_radii, parzen_log_likelihood, precision_recall
+from shared.testing import META, on_meta
 
-META = torch.device("meta")
 ITEM_ON_META = r"item\(\) cannot be called on meta tensors"  # the error of the first .item(), not of a device mix
-
-
-def on_meta(*tensors) -> bool:
-    return all(t.device.type == "meta" for t in tensors)
 
 
 @pytest.fixture
