@@ -1,4 +1,4 @@
-"""Test helpers the stages share: README cross-references, exact resume, running a CLI as a user would."""
+"""Test helpers the stages share: README cross-references and files, exact resume, running a CLI as a user would."""
 
 from __future__ import annotations
 
@@ -41,6 +41,30 @@ def missing_readme_references(stage_dir: Path) -> list[str]:
             scope = getattr(hits[0], "body", [])
         if not found:
             missing.append(f"{file}::{name}")
+    return missing
+
+
+LINK = re.compile(r"\]\(([^)\s#]+)[^)]*\)")  # [text](target) and ![alt](target)
+FILE_SPAN = re.compile(r"`([\w.][\w./-]*/[\w.-]+\.(?:json|jsonl|png|gif|pt|npz|py|md|txt|csv))`")
+
+
+def missing_readme_files(readme_dir: Path) -> list[str]:
+    """Every relative link or picture of ``readme_dir/README.md``, and every file it names in a code span
+    (``assets/x.json``, ``pretrained/mnist.pt``), that does not exist. A span may be relative to the README's folder
+    or to the repository root; the top-level README may name a file that every stage has (``pretrained/mnist.pt``);
+    runs under ``experiments/`` are outputs a reader makes, not files of the repository."""
+    readme = (readme_dir / "README.md").read_text()
+    stages = sorted(REPO_ROOT.glob("0[0-9]_*/")) if readme_dir.resolve() == REPO_ROOT else []
+    missing = []
+    for target in sorted(set(LINK.findall(readme))):
+        if not re.match(r"\w+:", target) and not (readme_dir / target).exists():
+            missing.append(f"link {target}")
+    for path in sorted(set(FILE_SPAN.findall(readme))):
+        if re.match(r"(\.\./)?experiments/", path):
+            continue
+        if not ((readme_dir / path).exists() or (REPO_ROOT / path).exists()
+                or (stages and all((stage / path).exists() for stage in stages))):
+            missing.append(f"file {path}")
     return missing
 
 

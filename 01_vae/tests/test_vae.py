@@ -35,6 +35,7 @@ from shared.cli import config_from_preset, parse_config, run_entry
 from shared.data import synthetic_images
 from shared.testing import (
     checkpoints_equal,
+    missing_readme_files,
     missing_readme_references,
     readme_commands_that_fail,
     run_interrupted_and_straight,
@@ -523,6 +524,7 @@ def test_likelihood_and_figures_cli_errors_exit_2_with_one_line(script, args, ca
 
 def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
+    assert missing_readme_files(STAGE_DIR) == []  # pictures, links and the asset files the numbers cite
 
 
 def test_readme_commands_parse():  # every command a reader may copy still takes its flags

@@ -26,6 +26,7 @@ from shared.checkpoint import provenance, save_checkpoint
 from shared.cli import config_from_preset, parse_config
 from shared.testing import (
     checkpoints_equal,
+    missing_readme_files,
     missing_readme_references,
     readme_commands_that_fail,
     run_interrupted_and_straight,
@@ -345,6 +346,7 @@ def test_out_of_range_hyperparameters_are_user_errors(flag, value):
 def test_readme_references_exist():
     assert (STAGE_DIR / "README.md").is_file()
     assert missing_readme_references(STAGE_DIR) == []
+    assert missing_readme_files(STAGE_DIR) == []  # pictures, links and the asset files the numbers cite
 
 
 def test_readme_commands_parse():  # every command a reader may copy still takes its flags

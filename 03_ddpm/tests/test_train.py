@@ -18,6 +18,7 @@ from shared.cli import config_from_preset, parse_config, run_entry, validate
 from shared.data import load_images, to_symmetric
 from shared.testing import (
     checkpoints_equal,
+    missing_readme_files,
     missing_readme_references,
     readme_commands_that_fail,
     run_interrupted_and_straight,
@@ -241,6 +242,7 @@ def test_asset_tables_are_json_documents():
 
 def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
+    assert missing_readme_files(STAGE_DIR) == []  # pictures, links and the asset files the numbers cite
 
 
 def test_readme_commands_parse():  # every command a reader may copy still takes its flags

@@ -14,6 +14,7 @@ from shared.cli import config_from_preset, parse_config
 from shared.data import load_images, to_symmetric
 from shared.testing import (
     checkpoints_equal,
+    missing_readme_files,
     missing_readme_references,
     readme_commands_that_fail,
     run_interrupted_and_straight,
@@ -158,6 +159,7 @@ def test_pretrained_weights_load_and_are_small():
 
 def test_readme_references_exist():
     assert missing_readme_references(STAGE_DIR) == []
+    assert missing_readme_files(STAGE_DIR) == []  # pictures, links and the asset files the numbers cite
 
 
 def test_readme_commands_parse():  # every command a reader may copy still takes its flags

@@ -53,3 +53,24 @@ def test_top_readme_shared_commands_parse():  # the stages' tests check the resu
     commands = readme_commands(REPO_ROOT)
     assert {script for script, _ in commands} >= {"-m shared.evaluate", "-m shared.classifier", "-m shared.testing"}
     assert readme_commands_that_fail(REPO_ROOT) == []
+
+
+def test_missing_readme_files_finds_broken_links_and_named_files(tmp_path):
+    from shared.testing import missing_readme_files
+
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "grid.png").write_bytes(b"")
+    (tmp_path / "README.md").write_text(
+        "![grid](assets/grid.png) ![gone](assets/gone.png \"title\") [stage](../x_missing_dir/) "
+        "[paper](https://arxiv.org/abs/1312.6114) [section](#results)\n"
+        "Numbers in `assets/grid.png` and `assets/results.json`; the shared `shared/metrics.py`; a run's "
+        "`experiments/03_ddpm/eval/s.npz`; a flag `--out s.npz`.\n")
+    assert missing_readme_files(tmp_path) == ["link ../x_missing_dir/", "link assets/gone.png",
+                                              "file assets/results.json"]
+
+
+def test_top_readme_links_and_files_exist():  # each stage's tests check its own README
+    from shared import REPO_ROOT
+    from shared.testing import missing_readme_files
+
+    assert missing_readme_files(REPO_ROOT) == []
