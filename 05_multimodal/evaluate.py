@@ -211,7 +211,8 @@ def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, ass
     result = {"num_prompts": n, **two_digit_scores(pred, asked),
               "left_of_prompts": two_digit_scores(pred[left_of], asked[left_of]),
               "right_of_prompts": two_digit_scores(pred[~left_of], asked[~left_of]),
-              "clip_swap_cosine": swap_cosines(model, tok, two_digit_prompts(90)[1])}
+              "clip_swap_cosine": swap_cosines(model, tok, torch.tensor(
+                  [(a, b) for a in range(10) for b in range(10) if a != b]))}  # all 90 ordered pairs, once each
     # control: the same digit on both sides ("a 3 to the left of a 3") needs no binding of digit to side
     m = max(10, n // 5)
     same = torch.arange(m) % 10

@@ -42,7 +42,7 @@ def guided_velocity(velocity, z: torch.Tensor, t: torch.Tensor, cond, null_cond,
 
 
 @torch.no_grad()
-def sample(velocity, noise: torch.Tensor, cond, null_cond, scale: float, steps: int = 50,
+def sample(velocity, noise: torch.Tensor, cond, null_cond, scale: float, steps: int = 30,
            return_path: bool = False, interval: tuple[float, float] = (0.0, 1.0)):
     """Eq. (9): Euler steps of dz/dt = v from t = 1 (noise) down to t = 0 (data).
 

@@ -187,10 +187,13 @@ def test_straight_path_and_exact_velocity_sampler():
     t = torch.rand(3)
     exact = lambda z, t, cond: eps - x0  # noqa: E731  the target velocity is constant along the straight path
     assert rectified_flow_loss(exact, x0, None, t, eps).item() == 0
-    # the velocity toward a single data point x0: v(z, t) = (z - x0) / t; Euler lands on x0 exactly
+    # the velocity toward a single data point x0: v(z, t) = (z - x0) / t; every Euler step stays on the straight
+    # line from eps to x0 (the last step alone would land on x0 from anywhere, so the whole path is checked)
     toward = lambda z, t, cond: (z - cond[0]) / t.view(-1, 1, 1, 1)  # noqa: E731
-    out = sample(toward, eps, (x0,), (x0,), 1.0, steps=7)
-    assert torch.allclose(out, x0, atol=1e-5)
+    out, path = sample(toward, eps, (x0,), (x0,), 1.0, steps=7, return_path=True)
+    assert len(path) == 8 and torch.allclose(out, x0, atol=1e-5)
+    for i, z in enumerate(path):
+        assert torch.allclose(z, interpolate(x0, eps, torch.full((3,), 1 - i / 7)), atol=1e-5), i
 
 
 def test_guidance_interval_guides_only_the_steps_inside_it():

@@ -134,9 +134,12 @@ def test_text_positions_make_the_mmdit_hear_word_order():
 
 
 def test_sincos_positions_compare_by_offset_only():
-    """<P_i, P_j> = sum_k cos(w_k (i - j)): the similarity of two fixed positions depends only on their offset,
-    every row has norm sqrt(dim / 2), and the 2-D table is a row half and a column half."""
+    """Eq. (12) itself, and <P_i, P_j> = sum_k cos(w_k (i - j)): the similarity of two fixed positions depends
+    only on their offset, every row has norm sqrt(dim / 2), and the 2-D table is a row half and a column half."""
     P = sincos_positions(16, 64)
+    n, k = torch.arange(16.0)[:, None], torch.arange(32.0)[None]
+    angle = n * 10000 ** (-2 * k / 64)  # Eq. (12) written out: n omega_k, omega_k = 10000^(-2k/d)
+    assert torch.allclose(P, torch.cat([angle.cos(), angle.sin()], dim=1), atol=1e-4)
     gram = P @ P.T
     for offset in range(1, 8):
         diagonal = torch.diagonal(gram, offset)
@@ -157,7 +160,7 @@ def test_fixed_positions_are_not_parameters(image_pos):
     assert "text_pos" not in model.state_dict()  # a buffer made from the config, not saved
 
 
-def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
+def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path, monkeypatch):
     cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu")
     straight, resumed = run_interrupted_and_straight(train.main, cfg, 6, tmp_path)  # stopped in the MMDiT phase
     assert checkpoints_equal(straight, resumed, keys=("model", "ema"))
@@ -169,10 +172,15 @@ def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path):
     data = np.load(out)
     assert data["images"].dtype == np.uint8 and data["images"].shape == (4, 1, 28, 56)
     assert data["labels"].tolist() == [[3, 8], [7, 1], [3, 8], [7, 1]]
+    asked_pairs = []
+    swap_cosines = evaluate_script.swap_cosines
+    monkeypatch.setattr(evaluate_script, "swap_cosines", lambda m, t, pairs: asked_pairs.extend(pairs.tolist())
+                        or swap_cosines(m, t, pairs))
     result = evaluate_script.main(["--ckpt", str(tmp_path / train.STAGE / "straight" / "ckpt.pt"), "--num-samples",
                                    "10", "--device", "cpu", "--assets", str(tmp_path)])  # the two-digit evaluation
     assert result["num_prompts"] == 10 and 0 <= result["both_in_order"] <= result["left_accuracy"] <= 1
     assert 0 < result["clip_swap_cosine"]["pooled"] <= 1 and (tmp_path / "two_digit_grid.png").is_file()
+    assert sorted(map(tuple, asked_pairs)) == [(a, b) for a in range(10) for b in range(10) if a != b]  # each once
     binding, control = result["attribute_binding"], result["attribute_binding_control"]
     assert binding["num_prompts"] == control["num_prompts"] == 60 and (tmp_path / "two_digit_binding.png").is_file()
     assert all(0 <= binding[k] <= 1 and 0 <= control[k] <= 1 for k in ("thickness", "slant", "size"))
