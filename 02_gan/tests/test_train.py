@@ -69,9 +69,14 @@ def test_each_step_updates_only_its_player(arch):
     g0, d0 = snapshot(G), snapshot(D)
     discriminator_step(G, D, opt_d, x, gan_cfg)
     assert not any(changed(g0, G)) and all(changed(d0, D))
+    # each step is handed only its own optimizer, so the other player's weights cannot move; that the backward
+    # pass does not even reach them (no_grad around G(z), D frozen; README section 7) shows in their .grad
+    assert all(p.grad is None for p in G.parameters())
+    opt_d.zero_grad(set_to_none=True)
     g0, d0 = snapshot(G), snapshot(D)
     generator_step(G, D, opt_g, 8, gan_cfg, "nonsaturating", "cpu", measure=True)
     assert all(changed(g0, G)) and not any(changed(d0, D))
+    assert all(p.grad is None for p in D.parameters())
     assert all(p.requires_grad for p in D.parameters())  # D is handed back trainable
 
 
