@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from shared import REPO_ROOT, UserError
 from shared.checkpoint import load_checkpoint, provenance, save_checkpoint
-from shared.cli import CommonConfig, arg, train_entry
+from shared.cli import CommonConfig, arg, output_file, train_entry
 from shared.data import load_images, to_unit
 from shared.experiment import Run
 from shared.runtime import full_float32, to_device
@@ -156,6 +156,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 def main(cfg: TrainConfig) -> dict:
     t0 = time.time()
+    if cfg.export:  # a bad path is found now, not after the training
+        output_file(cfg.export, "--export")
     with Run(STAGE, cfg) as run:
         images, labels = load_images(cfg.dataset, train=True)
         if cfg.dataset == "mnist":

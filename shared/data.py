@@ -56,6 +56,9 @@ def prepare_mnist(root: Path = DATA_ROOT) -> Path:
         # A private temp file per process: the ranks of a fresh clone's first torchrun all unpack at once, and
         # the atomic rename means none of them ever reads a half-written file.
         fd, tmp = tempfile.mkstemp(dir=raw, prefix=name + ".", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; the data is as readable as its .gz
         try:
             with gzip.open(packed, "rb") as src, os.fdopen(fd, "wb") as dst:
                 shutil.copyfileobj(src, dst)

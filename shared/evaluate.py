@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,13 @@ def read_samples(source: str) -> tuple[np.ndarray, np.ndarray | None, Path | Non
         raise UserError(f"{source}: no such file (give a .npz of samples, or mnist-train:A:B / mnist-test:A:B)")
     try:
         data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy: one array, no names
+            raise UserError(f"{path} holds one unnamed array; save samples with np.savez(path, images=...)")
         keys = set(data.files)
         if "images" not in keys:
             raise UserError(f"{path} holds no 'images' array (it has: {', '.join(sorted(keys)) or 'nothing'})")
         return data["images"], (data["labels"] if "labels" in keys else None), path
-    except (OSError, ValueError) as err:  # also an object array, which loading without pickle refuses
+    except (OSError, ValueError, zipfile.BadZipFile) as err:  # also an object array, refused without pickle
         raise UserError(f"{path} is not a readable .npz of arrays ({type(err).__name__})") from None
 
 

@@ -47,6 +47,7 @@ from shared.runtime import (
     ddp_setup,
     ddp_teardown,
     print0,
+    rank_seed,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -63,7 +64,7 @@ def experiments_dir() -> Path:
 
 
 def newest_checkpoint(stage: str) -> Path | None:
-    runs = sorted((experiments_dir() / stage).glob(f"*/{CKPT_NAME}"), key=lambda p: p.stat().st_mtime)
+    runs = sorted((experiments_dir() / stage).rglob(CKPT_NAME), key=lambda p: p.stat().st_mtime)  # also fig2/z20
     return runs[-1] if runs else None
 
 
@@ -117,8 +118,8 @@ class Run:
         if self.resume_from is not None:
             self.dir = self.resume_from.parent
             # The config records the folder the run continues in, whatever --run-name said.
-            runs = experiments_dir() / stage
-            name = self.dir.relative_to(runs).as_posix() if self.dir.is_relative_to(runs) else str(self.dir)
+            runs, here = (experiments_dir() / stage).resolve(), self.dir.resolve()  # --resume may be relative
+            name = here.relative_to(runs).as_posix() if here.is_relative_to(runs) else str(self.dir)
             self.cfg = cfg = dataclasses.replace(cfg, run_name=name)
             newer = self.dir / CKPT_NAME
             if self.resume_from.name != CKPT_NAME and newer.is_file():
@@ -194,7 +195,7 @@ class Run:
         """Load model/optimizer/EMA/... state and the RNG from ``--resume``; return the step reached."""
         if self.resume_from is None:
             if self.dist.enabled:  # the models are built (identically): from here on each rank its own noise
-                seed_everything(self.cfg.seed + self.dist.rank)
+                seed_everything(rank_seed(self.cfg.seed, self.dist.rank))
             return 0
         ckpt = load_checkpoint(self.resume_from, self.stage)
         for name, obj in objects.items():

@@ -5,9 +5,11 @@
 - ``fid``: FID-MNIST, the Fréchet distance between Gaussian fits of the classifier's 128-d penultimate
   features of the samples and of the 10,000 MNIST test images (Heusel et al. 2017). The recipe is FID's,
   the network is not Inception-v3: these numbers are NOT comparable to the Inception FID of papers.
-- ``fid_floor``: the same FID for ``N`` real training images (``train[:N]``): what a perfect generator
-  scores at this sample size (FID is biased upwards for small N). Cached for N = 10,000.
-- ``precision`` / ``recall``: Kynkäänniemi et al. 2019, k = 3, same feature space, against ``test[:N]``.
+- ``fid_floor``: the same FID for ``N`` real training images (``train[:N]``): what a generator that copies
+  training digits scores at this sample size (FID is biased upwards for small N; held-out real images score a
+  little above it). Cached for N = 10,000.
+- ``precision`` / ``recall``: Kynkäänniemi et al. 2019, k = 3, same feature space, between ``test[:m]`` and the
+  first ``m`` samples, m = min(N, 10,000).
 - ``confidence``: mean max softmax probability; ``class_histogram``: fraction of samples per predicted
   class (mode collapse shows here); ``label_accuracy``: predicted class == the requested label.
 - ``parzen_ll`` / ``parzen_se`` (``parzen=True``): Gaussian Parzen-window log-likelihood of the 10,000
@@ -28,6 +30,7 @@ from shared import REPO_ROOT, UserError
 from shared.checkpoint import load_checkpoint, provenance, save_checkpoint
 from shared.classifier import WEIGHTS, load_classifier, predict
 from shared.data import load_images, to_unit
+from shared.runtime import full_float32
 
 REFERENCE = REPO_ROOT / "shared" / "weights" / "mnist_reference.pt"
 REFERENCE_STAGE = "metrics-reference"
@@ -88,8 +91,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances ``(len(a), len(b))``."""
-    return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.T).clamp_min(0)
+    """Squared Euclidean distances ``(len(a), len(b))``, in full float32 even after a training run on CUDA allowed
+    TF32 (its 10-bit mantissa would move k-NN radii and Parzen densities off the CPU's values)."""
+    with full_float32():
+        return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.T).clamp_min(0)
 
 
 def knn_radii(features: torch.Tensor, k: int = K_NEAREST, chunk: int = 1000) -> torch.Tensor:
@@ -230,10 +235,22 @@ def fid_floor(n: int, device="cpu") -> float:
 # Everything at once
 # --------------------------------------------------------------------------------------------------------
 
+def as_labels(labels, n: int) -> torch.Tensor:
+    """``(N,)`` int64 digit labels from a tensor or array of N whole numbers in 0..9."""
+    y = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    y = y.reshape(-1)
+    if y.dtype.kind not in "iuf" or not np.all((y == np.round(y)) & (y >= 0) & (y <= 9)):
+        raise UserError(f"labels must be digits 0-9, got {y.dtype} values such as {y[:3].tolist()}")
+    if len(y) != n:
+        raise UserError(f"got {len(y)} labels for {n} images")
+    return torch.from_numpy(y.astype(np.int64))
+
+
 def evaluate(images, labels=None, parzen: bool = False, device="cpu") -> dict:
     """All metrics for uint8 samples ``(N, 1, 28, 28)`` or ``(N, 28, 28)`` (and their labels, if conditional)."""
     images = as_images(images)
     n = len(images)
+    labels = None if labels is None else as_labels(labels, n)  # a mistake shows before any scoring
     device = str(torch.device(device))
     ref = reference(device)
     feats, logits = predict(load_classifier(device), images)  # (N, 128), (N, 10)
@@ -252,10 +269,7 @@ def evaluate(images, labels=None, parzen: bool = False, device="cpu") -> dict:
         "class_histogram": (torch.bincount(pred, minlength=10).float() / n).tolist(),
     }
     if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).long().flatten()
-        if len(labels) != n:
-            raise UserError(f"got {len(labels)} labels for {n} images")
-        out["label_accuracy"] = (pred == labels.cpu()).float().mean().item()
+        out["label_accuracy"] = (pred == labels).float().mean().item()
     if parzen:
         train, _ = load_images("mnist", train=True)
         test, _ = load_images("mnist", train=False)

@@ -23,6 +23,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one DDP rank's training noise, mixed from (seed, rank) by NumPy's SeedSequence: unlike
+    seed + rank, rank 0 does not replay the random numbers that built the weights from ``seed``."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def choose_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
     if name not in DEVICES:

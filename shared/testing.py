@@ -181,8 +181,9 @@ def checkpoints_equal(a: dict, b: dict, keys=("model",)) -> bool:
 
 
 def same_training(a: dict, b: dict) -> list[str]:
-    """What differs between two checkpoints of one training: every key but when it was written and the run's
-    name and resume flags (weights, optimizer states, step, ranks, RNG states); empty when none."""
+    """What differs between two checkpoints of one training: every key (weights, optimizer states, step, ranks,
+    RNG states) but when it was written (``created``) and the config (a resumed run's records its resume flags);
+    empty when none."""
     skip = {"created", "config"}
     return sorted(k for k in a.keys() | b.keys() if k not in skip and not (k in a and k in b and _same(a[k], b[k])))
 
@@ -211,14 +212,19 @@ def run_script(script: Path, *args: str, experiments: Path | None = None, timeou
 
 
 def main(argv=None) -> int:
-    """``python -m shared.testing same-training A.pt B.pt``: exit 1 unless the two checkpoints are one training."""
+    """``python -m shared.testing same-training A.pt B.pt``: exit 1 unless the two checkpoints are one training
+    (2 for a mistake: a missing or unreadable file, a bad argument)."""
     import argparse
 
+    from shared.checkpoint import load_checkpoint
+    from shared.cli import one_line_error
+
     parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.error = one_line_error
     parser.add_argument("check", choices=["same-training"])
     parser.add_argument("ckpts", nargs=2, type=Path)
     args = parser.parse_args(argv)
-    a, b = (torch.load(p, weights_only=True, map_location="cpu") for p in args.ckpts)  # also GPU-made ones
+    a, b = (load_checkpoint(p, map_location="cpu") for p in args.ckpts)  # also GPU-made ones
     differ = same_training(a, b)
     ranks = a.get("world_size", 1)
     if differ:
@@ -229,4 +235,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.cli import run_entry
+
+    sys.exit(run_entry(main))

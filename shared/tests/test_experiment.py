@@ -102,11 +102,15 @@ def test_run_and_resume_mistakes_are_refused_before_anything_is_written(smoke, t
     assert sorted(p.name for p in exported.parent.iterdir()) == ["weights.pt"]  # no config.json beside it
 
 
-def test_a_resumed_run_records_the_folder_it_continues_in(smoke, tmp_path):
+def test_a_resumed_run_records_the_folder_it_continues_in(smoke, tmp_path, monkeypatch):
     toy_train.main(dataclasses.replace(smoke, run_name="here", stop_at=5))
-    toy_train.main(dataclasses.replace(smoke, run_name="elsewhere", resume=str(tmp_path / "00_toy/here")))
+    toy_train.main(dataclasses.replace(smoke, run_name="elsewhere", resume=str(tmp_path / "00_toy/here"), stop_at=8))
     assert json.loads((tmp_path / "00_toy/here/config.json").read_text())["run_name"] == "here"
     assert not (tmp_path / "00_toy/elsewhere").exists()
+    monkeypatch.chdir(tmp_path)  # a path relative to the working directory names the same run
+    toy_train.main(dataclasses.replace(smoke, resume="00_toy/here", stop_at=12))
+    assert json.loads((tmp_path / "00_toy/here/config.json").read_text())["run_name"] == "here"
+    assert toy_train.main(dataclasses.replace(smoke, run_name="here", resume="auto")).step == smoke.steps
 
 
 def test_resume_takes_the_checkpoint_config_and_explicit_flags_win(smoke, tmp_path):
@@ -128,6 +132,8 @@ def test_find_checkpoint(smoke, tmp_path):
         find_checkpoint("00_toy", tmp_path)
     toy_train.main(dataclasses.replace(smoke, run_name="x", steps=2))
     assert find_checkpoint("00_toy", tmp_path) == tmp_path / "00_toy/x/ckpt.pt"
+    toy_train.main(dataclasses.replace(smoke, run_name="fig2/z20", steps=2))  # a run name may have folders
+    assert find_checkpoint("00_toy", tmp_path) == tmp_path / "00_toy/fig2/z20/ckpt.pt"
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -229,6 +235,7 @@ def test_under_ddp_rows_average_all_ranks_and_models_start_equal(tmp_path):
                                 nprocs=2)
     seen = [torch.load(tmp_path / f"seen.{r}", weights_only=True) for r in (0, 1)]
     assert torch.equal(seen[0]["init"], seen[1]["init"]) and not torch.equal(seen[0]["noise"], seen[1]["noise"])
+    assert not any(torch.equal(s["init"], s["noise"]) for s in seen)  # no rank replays the draws that built weights
     rows = [json.loads(line) for line in (tmp_path / "00_toy/ddp/metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 1 and rows[0]["loss"] == 0.5  # the mean of rank 0's 0 and rank 1's 1
     assert all("loss = nan at step 2" in s["diverged"] for s in seen)

@@ -133,6 +133,11 @@ def test_classifier_training_entry_point(tmp_path, monkeypatch):
     shifted = random_shift(x, 2)
     assert torch.equal(shifted.sum((1, 2, 3)), x.sum((1, 2, 3))) and not torch.equal(shifted, x)
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    (tmp_path / "a_file").write_text("")
+    bad = config_from_preset(TrainConfig, PRESETS, "smoke", run_name="bad", export=str(tmp_path / "a_file/clf.pt"))
+    with pytest.raises(UserError, match="--export"):
+        main(bad)
+    assert not (tmp_path / "classifier" / "bad").exists()  # refused before the run began
     out = tmp_path / "clf.pt"
     cfg = config_from_preset(TrainConfig, PRESETS, "smoke", run_name="t", export=str(out))
     result = main(cfg)
@@ -359,15 +364,47 @@ def test_evaluate_cli(tmp_path, mnist, capsys):
     assert REFERENCE.is_file()
 
 
-def test_evaluate_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
+def test_evaluate_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     from shared.evaluate import main
 
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the mistake must be found before any scoring")
+
+    monkeypatch.setattr("shared.metrics.predict", no_scoring)
     np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object))
     np.savez(tmp_path / "ok.npz", images=np.zeros((4, 28, 28), dtype=np.uint8))
+    np.save(tmp_path / "one_array.npy", np.zeros((20, 28, 28), dtype=np.uint8))
+    np.savez(tmp_path / "whole.npz", images=np.zeros((20, 28, 28), dtype=np.uint8))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:1000])
+    np.savez(tmp_path / "19_labels.npz", images=np.zeros((20, 28, 28), dtype=np.uint8), labels=np.arange(19) % 10)
+    np.savez(tmp_path / "word_labels.npz", images=np.zeros((20, 28, 28), dtype=np.uint8), labels=np.array(["7"] * 20))
     (tmp_path / "a_folder").mkdir()
     for argv in (["--device", "tpu"], [], [str(tmp_path / "objects.npz")],
-                 [str(tmp_path / "ok.npz"), "--json", str(tmp_path / "a_folder")]):
+                 [str(tmp_path / "ok.npz"), "--json", str(tmp_path / "a_folder")],
+                 [str(tmp_path / "one_array.npy")], [str(tmp_path / "cut.npz")], [str(tmp_path / "19_labels.npz")],
+                 [str(tmp_path / "word_labels.npz")]):
         with pytest.raises(SystemExit) as exit_info:
             run_entry(main, argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), argv
+
+
+def test_distances_ignore_a_training_runs_tf32_setting(monkeypatch):
+    """A Run on CUDA allows TF32 for the whole process (runtime.allow_tf32); the k-NN and Parzen distances are
+    still full float32 products, like the CPU values they are compared with."""
+    precisions, matmul = [], torch.Tensor.__matmul__
+
+    def recorded(a, b):
+        precisions.append(torch.get_float32_matmul_precision())
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recorded)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        x, y = torch.randn(20, 8), torch.randn(30, 8)
+        precision_recall(x, y)
+        parzen_log_likelihood(torch.rand(20, 1, 4, 4), torch.rand(10, 1, 4, 4), torch.rand(10, 1, 4, 4))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert len(precisions) >= 3 and set(precisions) == {"highest"}

@@ -74,3 +74,26 @@ def test_top_readme_links_and_files_exist():  # each stage's tests check its own
     from shared.testing import missing_readme_files
 
     assert missing_readme_files(REPO_ROOT) == []
+
+
+def test_same_training_cli_exit_codes(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from shared import REPO_ROOT
+
+    def same_training_cli(*paths):
+        return subprocess.run([sys.executable, "-m", "shared.testing", "same-training", *map(str, paths)],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+    one = {"stage": "00_toy", "step": 3, "model": {"w": torch.ones(2)}, "created": "now", "config": {"run_name": "a"}}
+    torch.save(one, tmp_path / "a.pt")
+    torch.save({**one, "created": "later", "config": {"run_name": "b"}}, tmp_path / "b.pt")
+    torch.save({**one, "model": {"w": torch.zeros(2)}}, tmp_path / "c.pt")
+    assert same_training_cli(tmp_path / "a.pt", tmp_path / "b.pt").returncode == 0
+    differs = same_training_cli(tmp_path / "a.pt", tmp_path / "c.pt")
+    assert differs.returncode == 1 and "differ in: model" in differs.stdout
+    missing = same_training_cli(tmp_path / "a.pt", tmp_path / "gone.pt")  # a mistake, not a verdict
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "gone.pt" in missing.stderr
