@@ -40,3 +40,7 @@ def test_output_depends_on_t_once_trained_weights_move():
 def test_timestep_embedding():
     e = timestep_embedding(torch.tensor([0, 1, 999]), 16)
     assert e.shape == (3, 16) and torch.equal(e[0, :8], torch.zeros(8)) and e.abs().max() <= 1
+    # written out: [sin(t w_i), cos(t w_i)], w_i = 10000^(-i/8), from one turn per ~6 steps down to ~1/10^4 of that
+    t, i = torch.tensor([0.0, 1.0, 999.0])[:, None], torch.arange(8.0)[None]
+    angle = t * 10000 ** (-i / 8)
+    assert torch.allclose(e, torch.cat([angle.sin(), angle.cos()], dim=1), atol=1e-4)

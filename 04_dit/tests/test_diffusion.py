@@ -107,6 +107,32 @@ def test_ddpm_step_draws_from_the_true_posterior_of_the_respaced_chain():
                 assert math.isclose(sigma ** 2, beta_tilde, rel_tol=1e-3), (t, sigma ** 2, beta_tilde)
 
 
+def test_clipped_ddim_steps_from_the_clipped_x0():
+    """clip=True (README section 7): an x0_hat outside [-1, 1] is clipped, and the step (eta = 0, Eq. 4) uses the
+    eps that the clipped x0 and x_t imply, eps' = (x_t - sqrt(abar_t) clip(x0_hat)) / sqrt(1 - abar_t), not the
+    network's eps."""
+    alpha_bar = linear_alpha_bar().double()
+    times = []
+
+    def model(x, t, y):  # x0_hat = x_t (1 + 2 sqrt(1 - abar)) / sqrt(abar): far outside [-1, 1] at high noise
+        times.append(int(t[0]))
+        return -2 * x
+
+    noise, traj = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)).double(), []
+    ddim_sample(model, noise, torch.zeros(2, dtype=torch.long), 5, 1.0, 10, eta=0.0, alpha_bar=alpha_bar,
+                trajectory=traj, clip=True)
+    xs, clipped = [noise] + traj, 0
+    for i, t in enumerate(times):
+        ab_t = float(alpha_bar[t])
+        ab_s = float(alpha_bar[times[i + 1]]) if i + 1 < len(times) else 1.0
+        x0_hat = (xs[i] + 2 * (1 - ab_t) ** 0.5 * xs[i]) / ab_t ** 0.5
+        clipped += int((x0_hat.abs() > 1).sum())
+        x0 = x0_hat.clamp(-1, 1)
+        eps = (xs[i] - ab_t ** 0.5 * x0) / (1 - ab_t) ** 0.5
+        assert torch.allclose(xs[i + 1], ab_s ** 0.5 * x0 + (1 - ab_s) ** 0.5 * eps, atol=1e-6), t
+    assert clipped > 100  # the clip did act
+
+
 def test_rectified_flow_interpolant_and_velocity():
     torch.manual_seed(0)
     x0, eps, t = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28), torch.rand(4)

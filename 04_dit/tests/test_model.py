@@ -17,6 +17,7 @@ from model import (
     patchify,
     rope_2d_angles,
     sincos_pos_embed_2d,
+    timestep_embedding,
     unpatchify,
 )
 
@@ -69,6 +70,12 @@ def test_sdpa_equals_explicit_attention():
     assert torch.allclose(attn(x), by_hand, atol=1e-5)
 
 
+def test_timestep_embedding_is_cos_then_sin_of_geometric_frequencies():
+    t = torch.tensor([0.0, 0.37, 999.0])  # float times: flow time t in [0, 1] reaches the network as 1000 t
+    angle = t[:, None] * 10000 ** (-torch.arange(8.0) / 8)[None]  # w_i = 10000^(-i/8)
+    assert torch.allclose(timestep_embedding(t, 16), torch.cat([angle.cos(), angle.sin()], dim=1), atol=1e-4)
+
+
 def test_rope_scores_depend_only_on_relative_offset():
     grid, hd = 5, 16
     angles = rope_2d_angles(hd, grid)
@@ -84,6 +91,12 @@ def test_rope_scores_depend_only_on_relative_offset():
     for values in by_offset.values():
         assert torch.allclose(torch.stack(values), values[0], atol=1e-4)
     assert len({round(float(v[0]), 3) for v in by_offset.values()}) > 20  # and it does depend on the offset
+    # two axes, not one over the flattened patch index: the next patch in a row and the first patch of the next
+    # row are one apart in reading order but not on the grid
+    assert not torch.allclose(by_offset[(0, 1)][0], by_offset[(1, 1 - grid)][0], atol=1e-3)
+    by_cell = angles.view(grid, grid, hd // 2)
+    assert torch.equal(by_cell[:, :1, :hd // 4].expand(grid, grid, hd // 4), by_cell[..., :hd // 4])  # rows
+    assert torch.equal(by_cell[:1, :, hd // 4:].expand(grid, grid, hd // 4), by_cell[..., hd // 4:])  # columns
     # rotation keeps norms
     assert torch.allclose(apply_rope(q, angles).norm(dim=-1), q.norm(dim=-1), atol=1e-5)
 
