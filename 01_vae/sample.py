@@ -14,7 +14,7 @@ from model import SIZES, VAE, vae_config
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint, load_error
-from shared.cli import add_sample_args, check_sample_args, run_entry
+from shared.cli import add_sample_args, check_sample_args, run_entry, sample_outputs
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
 from shared.runtime import choose_device
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     check_sample_args(args)
     model, ckpt, path = load_model(args.ckpt, choose_device(args.device))
+    out, png = sample_outputs(args.out, path)
     images = sample_prior(model, args.num_samples, args.batch_size, args.seed)
-    out = Path(args.out) if args.out else path.parent / "samples.npz"
     save_samples_npz(out, images, value_range=(0.0, 1.0))
-    grid = save_grid(images[:64], out.with_suffix(".png"), value_range=(0.0, 1.0))
+    grid = save_grid(images[:64], png, value_range=(0.0, 1.0))
     print(f"{len(images)} samples from {path} (step {ckpt['step']}) -> {out}, grid {grid}")
     return out
 

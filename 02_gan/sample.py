@@ -16,7 +16,7 @@ from train import STAGE, gan_config_of
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint, load_error
-from shared.cli import add_sample_args, check_sample_args, run_entry
+from shared.cli import add_sample_args, check_sample_args, run_entry, sample_outputs
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz, to_uint8
 from shared.runtime import choose_device
@@ -51,12 +51,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_sample_args(args)
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
+    out, png = sample_outputs(args.out, path)
     device = choose_device(args.device)
     G = load_generator(path, device)
     images = generate(G, args.num_samples, args.batch_size, args.seed, device)  # (N, 1, 28, 28) uint8
-    out = Path(args.out) if args.out else path.parent / "samples.npz"
     save_samples_npz(out, images)
-    grid = save_grid(images[:64], out.with_suffix(".png"))
+    grid = save_grid(images[:64], png)
     print(f"{len(images)} samples from {path} -> {out} (grid: {grid})")
     return out
 

@@ -24,6 +24,7 @@ from shared.cli import one_line_error, output_dir, run_entry
 from shared.data import load_images, to_symmetric
 from shared.experiment import experiments_dir, find_checkpoint
 from shared.images import save_grid, save_samples_npz, to_uint8
+from shared.metrics import K_NEAREST
 
 
 def scaled_timesteps(ts_1000: list[int], T: int) -> list[int]:
@@ -161,8 +162,9 @@ def main(argv=None):
         raise UserError(f"--fid-eta must be in [0, 1], got {args.fid_eta}")
     if any(S < 1 for S in steps):
         raise UserError(f"--fid-steps must be at least 1 each, got {args.fid_steps!r}")
-    if args.fid_samples <= 0 or args.bpd_images < 0 or args.bpd_t < 0 or args.batch_size <= 0:
-        raise UserError("--fid-samples and --batch-size must be positive, --bpd-images and --bpd-t non-negative")
+    if args.fid_samples <= K_NEAREST or args.bpd_images < 0 or args.bpd_t < 0 or args.batch_size <= 0:
+        raise UserError(f"--fid-samples must be above {K_NEAREST} (the metrics' k), --batch-size positive, "
+                        "--bpd-images and --bpd-t non-negative")
     assets = output_dir(args.assets, "--assets")
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
     model, diffusion, ckpt = load_model(path, torch.device("cpu"))

@@ -19,7 +19,7 @@ from train import STAGE, make_diffusion
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint, load_error
-from shared.cli import add_sample_args, check_sample_args, run_entry
+from shared.cli import add_sample_args, check_sample_args, run_entry, sample_outputs
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
 from shared.runtime import choose_device
@@ -72,17 +72,17 @@ def main(argv=None):
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
     model, diffusion, ckpt = load_model(path, device)
-    if not 1 <= args.steps <= diffusion.T:
+    if args.sampler == "ddim" and not 1 <= args.steps <= diffusion.T:
         raise UserError(f"--steps must be in 1..{diffusion.T} (T of this checkpoint), got {args.steps}")
+    out, png = sample_outputs(args.out, path)
 
     t0 = time.time()
     images = generate(model, diffusion, args.num_samples, args.sampler, args.steps, args.eta, args.var,
                       args.batch_size, args.seed, device)  # (N, 1, 28, 28)
     how = f"ddpm T={diffusion.T} var={args.var}" if args.sampler == "ddpm" else \
         f"ddim S={args.steps} eta={args.eta:g}"
-    out = Path(args.out) if args.out else path.parent / "samples.npz"
     save_samples_npz(out, images)
-    grid = save_grid(images[:64], out.with_suffix(".png"))
+    grid = save_grid(images[:64], png)
     print(f"{args.num_samples} samples ({how}, step {ckpt['step']} of {path}) in {time.time() - t0:.1f}s "
           f"-> {out}, {grid}")
 

@@ -22,7 +22,7 @@ from vavae import Autoencoder, ae_from_state_dict, decode_latents
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint, load_error
-from shared.cli import add_sample_args, check_sample_args, run_entry
+from shared.cli import add_sample_args, check_sample_args, run_entry, sample_outputs
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
 from shared.runtime import choose_device
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--class-label", type=int, default=-1, help="digit to draw (default -1: every digit, "
                         "in equal shares, one grid row per digit)")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1: none)")
-    parser.add_argument("--sampler", default="", choices=["", *SAMPLERS], help="ddpm|ddim for eps-models, "
+    parser.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="ddpm|ddim for eps-models, "
                         "euler|heun for flow models (default: ddim, resp. heun)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
@@ -81,6 +81,7 @@ def main(argv=None):
     if SAMPLERS[sampler] != cfg["objective"]:
         raise UserError(f"--sampler {sampler} needs a {SAMPLERS[sampler]} model; {path} was trained with "
                         f"--objective {cfg['objective']}")
+    npz, grid = sample_outputs(args.out, path)
     n = args.num_samples
     if args.class_label >= 0:
         labels = torch.full((n,), args.class_label, dtype=torch.long)
@@ -96,9 +97,7 @@ def main(argv=None):
                    tuple(args.cfg_interval), generator=g, clip=ae is None)
         out.append((x if ae is None else decode_latents(ae, x)).cpu())
     images = torch.cat(out)  # (n, 1, 28, 28) in [-1, 1]
-    npz = Path(args.out) if args.out else path.parent / "samples.npz"
     save_samples_npz(npz, images, labels)
-    grid = npz.with_suffix(".png")
     if args.class_label < 0 and n >= 10:  # one row per digit, up to 10 each
         per = min(10, n // 10)
         idx = torch.cat([torch.nonzero(labels == d).flatten()[:per] for d in range(10)])

@@ -24,7 +24,7 @@ from train import STAGE, TrainConfig, build
 
 from shared import UserError
 from shared.checkpoint import load_checkpoint, load_error
-from shared.cli import add_sample_args, check_sample_args, run_entry
+from shared.cli import add_sample_args, check_sample_args, run_entry, sample_outputs
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
 from shared.runtime import choose_device
@@ -65,7 +65,11 @@ def read_prompts(args, two_digit: bool = False) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UserError(f"--prompts-file {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--prompts-file {path}: not a readable text file ({type(err).__name__})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise UserError(f"--prompts-file {path} holds no prompts")
         return prompts
@@ -152,11 +156,14 @@ def main(argv: list[str] | None = None) -> Path:
     check_guidance_args(args)
     if args.interpolate and (args.prompt or args.prompts_file):
         raise UserError("--interpolate A B takes its two prompts itself; drop --prompt / --prompts-file")
+    if args.prompt and args.prompts_file:
+        raise UserError("give prompts by --prompt or by --prompts-file, not both")
     if args.interpolate and args.num_samples < 2:
         raise UserError(f"--interpolate needs --num-samples of at least 2 (A and B), got {args.num_samples}")
     device = choose_device(args.device)
     path = find_checkpoint(STAGE, STAGE_DIR, args.ckpt)
     model, tok, train_cfg = load_model(path, device, args.weights)
+    out, png = sample_outputs(args.out, path)
     args.sample_steps = train_cfg.sample_steps if args.sample_steps is None else args.sample_steps
     args.cfg_scale = train_cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
     cfg = model.dit.cfg
@@ -165,20 +172,23 @@ def main(argv: list[str] | None = None) -> Path:
     if args.interpolate:
         a, b = args.interpolate
         prompts, nrow = [a if w < 0.5 else b for w in torch.linspace(0, 1, args.num_samples).tolist()], 8
-        images = interpolate_prompts(model, tok, a, b, noise, args.cfg_scale, args.sample_steps,
-                                     tuple(args.cfg_interval))
     else:
         base = read_prompts(args, train_cfg.two_digit)
         prompts, nrow = [base[i % len(base)] for i in range(args.num_samples)], (10 if len(base) % 10 == 0 else 8)
-        images = generate(model, tok, prompts, noise, args.cfg_scale, args.sample_steps, args.batch_size,
-                          tuple(args.cfg_interval))
+    # a prompt's unknown word, or a one-digit prompt for a two-digit model, is a mistake found before sampling
+    tok.batch(sorted(set(prompts)), strict=True)
     if train_cfg.two_digit:
         digits = torch.tensor([parse_two_digit(p) for p in prompts])  # (N, 2): (left, right)
     else:
         digits = torch.tensor([parse_prompt(p)[0] for p in prompts])
-    out = Path(args.out) if args.out else path.parent / "samples.npz"
+    if args.interpolate:
+        images = interpolate_prompts(model, tok, *args.interpolate, noise, args.cfg_scale, args.sample_steps,
+                                     tuple(args.cfg_interval))
+    else:
+        images = generate(model, tok, prompts, noise, args.cfg_scale, args.sample_steps, args.batch_size,
+                          tuple(args.cfg_interval))
     save_samples_npz(out, images, digits if (digits >= 0).all() else None)
-    grid = save_grid(images[:100], out.with_suffix(".png"), nrow=nrow)
+    grid = save_grid(images[:100], png, nrow=nrow)
     print(f"{len(images)} samples from {path} (cfg scale {args.cfg_scale:g}): {out}, grid {grid}")
     return out
 

@@ -86,8 +86,13 @@ def save_checkpoint(payload: dict, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cpu") -> dict:
-    """Load with ``weights_only=True``; a missing, corrupt, unsafe or other-stage file is a UserError."""
+    """Load with ``weights_only=True``; a missing, corrupt, unsafe or other-stage file is a UserError. A run's
+    folder stands for the checkpoint in it."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "ckpt.pt").is_file():
+            raise UserError(f"{path} is a folder with no ckpt.pt in it, not a checkpoint")
+        path = path / "ckpt.pt"
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -97,7 +102,7 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
         if unsafe:
             raise UserError(f"refusing to load {path}: not a plain-data checkpoint ({unsafe[0]})") from None
         raise UserError(f"{path} is not a readable checkpoint (UnpicklingError)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # a cut or garbled file can fail anywhere in the unpickler (KeyError, IndexError, ...)
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt:
         raise UserError(f"{path} is not a ScratchGen checkpoint (it has no 'stage' entry)")

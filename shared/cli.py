@@ -183,6 +183,13 @@ def output_file(path: str | Path, flag: str) -> Path:
     return path
 
 
+def sample_outputs(out: str, ckpt: Path) -> tuple[Path, Path]:
+    """sample.py's two files, checked before any sampling: the ``.npz`` (``--out``, by default ``samples.npz``
+    beside the checkpoint) and its grid picture (the same name, ``.png``)."""
+    npz = Path(out) if out else ckpt.parent / "samples.npz"
+    return output_file(npz, "--out"), output_file(npz.with_suffix(".png"), "--out (its .png grid)")
+
+
 def output_dir(path: str | Path, flag: str) -> Path:
     """``path`` once it exists as a writable folder (the same early check as :func:`output_file`)."""
     path = Path(path)
@@ -223,10 +230,13 @@ def check_seed(seed: int) -> None:
         raise UserError(f"--seed must be in [0, {SEED_MAX}], got {seed}")
 
 
+MAX_SAMPLES = 10_000_000  # 7.8 GB of uint8 digits; beyond that a typo, not a plan, and memory runs out first
+
+
 def check_sample_args(args: argparse.Namespace) -> None:
     check_seed(args.seed)
-    if args.num_samples <= 0:
-        raise UserError(f"--num-samples must be positive, got {args.num_samples}")
+    if not 0 < args.num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num-samples must be between 1 and {MAX_SAMPLES:,}, got {args.num_samples}")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.out and not args.out.endswith(".npz"):

@@ -238,9 +238,13 @@ def fid_floor(n: int, device="cpu") -> float:
 def as_labels(labels, n: int) -> torch.Tensor:
     """``(N,)`` int64 digit labels from a tensor or array of N whole numbers in 0..9."""
     y = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-    y = y.reshape(-1)
-    if y.dtype.kind not in "iuf" or not np.all((y == np.round(y)) & (y >= 0) & (y <= 9)):
+    if y.ndim != 1:  # e.g. (N, 2) for 05's two-digit canvases, which are not 28 x 28 digits anyway
+        raise UserError(f"labels must hold one digit per image, shape (N,), got shape {y.shape}")
+    if y.dtype.kind not in "iuf":
         raise UserError(f"labels must be digits 0-9, got {y.dtype} values such as {y[:3].tolist()}")
+    bad = y[~((y == np.round(y)) & (y >= 0) & (y <= 9))]
+    if len(bad):
+        raise UserError(f"labels must be digits 0-9, got {len(bad)} others, such as {bad[:3].tolist()}")
     if len(y) != n:
         raise UserError(f"got {len(y)} labels for {n} images")
     return torch.from_numpy(y.astype(np.int64))

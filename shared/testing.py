@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from shared import REPO_ROOT
+from shared import REPO_ROOT, UserError
 
 REFERENCE = re.compile(r"`([\w/]+\.py)::([\w.]+)`")
 
@@ -123,7 +123,6 @@ def readme_commands_that_fail(stage_dir: Path) -> list[str]:
     import inspect
     import io
 
-    from shared import UserError
     from shared.cli import parse_config
 
     parse_args = argparse.ArgumentParser.parse_args
@@ -225,12 +224,15 @@ def main(argv=None) -> int:
     parser.add_argument("ckpts", nargs=2, type=Path)
     args = parser.parse_args(argv)
     a, b = (load_checkpoint(p, map_location="cpu") for p in args.ckpts)  # also GPU-made ones
+    if a["stage"] != b["stage"]:
+        raise UserError(f"{args.ckpts[0]} is a checkpoint of {a['stage']}, {args.ckpts[1]} of {b['stage']}")
     differ = same_training(a, b)
-    ranks = a.get("world_size", 1)
     if differ:
         print(f"{args.ckpts[0]} and {args.ckpts[1]} differ in: {', '.join(differ)}")
         return 1
-    print(f"same training: step {a['step']}, {ranks} rank(s), weights, optimizer and RNG states bit for bit")
+    held = sorted(k for k in a if k not in {"created", "config", "stage", "step", "world_size"})
+    print(f"same training: step {a.get('step', '?')}, {a.get('world_size', 1)} rank(s); bit for bit equal: "
+          f"{', '.join(held) or 'nothing else'}")
     return 0
 
 

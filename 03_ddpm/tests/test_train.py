@@ -121,6 +121,12 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_ckpt, tmp_path, capsys):
         argv = ["--ckpt", str(tiny_ckpt), "--fid-steps", steps]
         assert "--fid-steps" in _exit_line(capsys, lambda argv=argv: figures.main(argv))
     assert "--fid-samples" in _exit_line(capsys, lambda: figures.main(["--fid-samples", "many"]))
+    assert "above 3" in _exit_line(capsys, lambda: figures.main(["--ckpt", str(tiny_ckpt), "--fid-samples", "3"]))
+    # --steps is DDIM's; the ancestral sampler takes all T steps and ignores it
+    assert "--steps" in _exit_line(capsys, lambda: sample.main(["--ckpt", str(tiny_ckpt), "--steps", "0"]))
+    sample.main(["--ckpt", str(tiny_ckpt), "--sampler", "ddpm", "--steps", "0", "--num-samples", "2",
+                 "--out", str(tmp_path / "ddpm.npz")])
+    assert np.load(tmp_path / "ddpm.npz")["images"].shape == (2, 1, 28, 28)
     proc = run_script(STAGE_DIR / "sample.py", "--ckpt", str(tmp_path / "missing.pt"), experiments=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

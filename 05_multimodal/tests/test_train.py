@@ -256,6 +256,20 @@ def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch, capsys):
     assert np.load(out)["labels"].tolist() == [1, 1, 7, 7]  # w = 0, 1/3: A's digit; w = 2/3, 1: B's
     with pytest.raises(UserError, match="unknown word 'purple'"):
         sample_script.main(["--ckpt", ckpt, "--prompt", "a purple 7", "--out", str(out)])
+    # mistakes in the prompts are found before any sampling, wherever they stand
+    monkeypatch.setattr(sample_script, "generate", lambda *args: pytest.fail("sampled before the mistake showed"))
+    prompts.write_text("a 1\n" * 9 + "a purple 7\n")
+    with pytest.raises(UserError, match="unknown word 'purple'"):
+        sample_script.main(["--ckpt", ckpt, "--num-samples", "10", "--batch-size", "2", "--out", str(out),
+                            "--prompts-file", str(prompts)])
+    with pytest.raises(UserError, match="not both"):
+        sample_script.main(["--ckpt", ckpt, "--prompts-file", str(prompts), "--prompt", "a 2", "--out", str(out)])
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match="not a readable text file"):
+        sample_script.main(["--ckpt", ckpt, "--prompts-file", str(tmp_path / "binary.txt"), "--out", str(out)])
+    (tmp_path / "grid_taken.png").mkdir()  # the .npz's grid picture can't be written: found before sampling too
+    with pytest.raises(UserError, match="--out"):
+        sample_script.main(["--ckpt", ckpt, "--out", str(tmp_path / "grid_taken.npz")])
     # Attribute adherence asks each attribute of 10 prompts in turn: fewer samples would leave one unasked.
     capsys.readouterr()  # forget the training's progress bar
     assert "at least 60" in one_line_exit(capsys, evaluate_script.main, ["--ckpt", ckpt, "--num-samples", "20"])

@@ -21,6 +21,7 @@ from captions import (
 from evaluate import binding_prompts, binding_scores, classify_halves, rate_by_attribute, two_digit_scores
 from model import MMDIT_SIZES, MMDiT, MMDiTConfig, sincos_positions, sincos_positions_2d
 
+from shared import UserError
 from shared.classifier import load_classifier, predict
 from shared.cli import config_from_preset
 from shared.data import load_images, to_unit
@@ -172,6 +173,11 @@ def test_two_digit_resume_is_bit_identical_and_sample_writes_pairs(tmp_path, mon
     data = np.load(out)
     assert data["images"].dtype == np.uint8 and data["images"].shape == (4, 1, 28, 56)
     assert data["labels"].tolist() == [[3, 8], [7, 1], [3, 8], [7, 1]]
+    with monkeypatch.context() as patch:  # a one-digit prompt for the two-digit model: refused before sampling
+        patch.setattr(sample_script, "generate", lambda *args: pytest.fail("sampled before the mistake showed"))
+        with pytest.raises(UserError, match="not a two-digit prompt"):
+            sample_script.main(["--ckpt", str(tmp_path / train.STAGE / "straight" / "ckpt.pt"), "--out", str(out),
+                                "--prompt", "a 1 to the right of a 7", "--prompt", "a seven"])
     asked_pairs = []
     swap_cosines = evaluate_script.swap_cosines
     monkeypatch.setattr(evaluate_script, "swap_cosines", lambda m, t, pairs: asked_pairs.extend(pairs.tolist())

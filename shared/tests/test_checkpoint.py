@@ -81,6 +81,19 @@ def test_bad_checkpoints_are_user_errors(tmp_path):
     save_checkpoint(_payload(1.0), tmp_path / "toy.pt")
     with pytest.raises(UserError, match="stage 00_toy, not 01_vae"):
         load_checkpoint(tmp_path / "toy.pt", "01_vae")
+    (tmp_path / "hello.pt").write_text("hello")  # the unpickler fails with a KeyError on this one
+    garbled = bytearray((tmp_path / "toy.pt").read_bytes())  # bytes flipped inside the pickled data
+    start = garbled.find(b"data.pkl") + 100
+    garbled[start:start + 40] = bytes(40)
+    (tmp_path / "garbled.pt").write_bytes(bytes(garbled))
+    for bad in ("hello.pt", "garbled.pt"):
+        with pytest.raises(UserError, match="not a readable checkpoint"):
+            load_checkpoint(tmp_path / bad)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match="a folder with no ckpt.pt"):
+        load_checkpoint(tmp_path / "run")
+    save_checkpoint(_payload(2.0), tmp_path / "run" / "ckpt.pt")
+    assert load_checkpoint(tmp_path / "run")["model"]["w"][0] == 2.0  # a run's folder stands for its checkpoint
 
 
 def test_export_keeps_one_set_of_weights(tmp_path):

@@ -334,6 +334,25 @@ def test_output_paths_are_checked_before_the_work(tmp_path):
             output_file("/proc/x.npz", "--out")
 
 
+def test_sample_outputs_and_sample_counts_are_checked_before_sampling(tmp_path):
+    import argparse
+
+    from shared.cli import MAX_SAMPLES, add_sample_args, check_sample_args, sample_outputs
+
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    assert sample_outputs("", ckpt) == (tmp_path / "run" / "samples.npz", tmp_path / "run" / "samples.png")
+    (tmp_path / "run" / "samples.png").mkdir(parents=True)  # the default grid's name is taken by a folder
+    with pytest.raises(UserError, match="its .png grid"):
+        sample_outputs("", ckpt)
+    with pytest.raises(UserError, match="a folder"):
+        sample_outputs(str(tmp_path / "run"), ckpt)
+    parser = add_sample_args(argparse.ArgumentParser())
+    for n in ("0", str(MAX_SAMPLES + 1), "99999999999999999999"):
+        with pytest.raises(UserError, match="--num-samples must be between 1 and 10,000,000"):
+            check_sample_args(parser.parse_args(["--num-samples", n]))
+    check_sample_args(parser.parse_args(["--num-samples", str(MAX_SAMPLES)]))
+
+
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
     def interrupted():
         raise KeyboardInterrupt

@@ -371,6 +371,7 @@ def test_evaluate_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeyp
         raise AssertionError("the mistake must be found before any scoring")
 
     monkeypatch.setattr("shared.metrics.predict", no_scoring)
+    said = []
     np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object))
     np.savez(tmp_path / "ok.npz", images=np.zeros((4, 28, 28), dtype=np.uint8))
     np.save(tmp_path / "one_array.npy", np.zeros((20, 28, 28), dtype=np.uint8))
@@ -378,15 +379,21 @@ def test_evaluate_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeyp
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:1000])
     np.savez(tmp_path / "19_labels.npz", images=np.zeros((20, 28, 28), dtype=np.uint8), labels=np.arange(19) % 10)
     np.savez(tmp_path / "word_labels.npz", images=np.zeros((20, 28, 28), dtype=np.uint8), labels=np.array(["7"] * 20))
+    np.savez(tmp_path / "minus_one.npz", images=np.zeros((20, 28, 28), dtype=np.uint8),
+             labels=np.r_[np.arange(19) % 9, -1])
+    np.savez(tmp_path / "pairs.npz", images=np.zeros((20, 28, 28), dtype=np.uint8), labels=np.zeros((20, 2), int))
     (tmp_path / "a_folder").mkdir()
     for argv in (["--device", "tpu"], [], [str(tmp_path / "objects.npz")],
                  [str(tmp_path / "ok.npz"), "--json", str(tmp_path / "a_folder")],
                  [str(tmp_path / "one_array.npy")], [str(tmp_path / "cut.npz")], [str(tmp_path / "19_labels.npz")],
-                 [str(tmp_path / "word_labels.npz")]):
+                 [str(tmp_path / "word_labels.npz")], [str(tmp_path / "minus_one.npz")],
+                 [str(tmp_path / "pairs.npz")]):
         with pytest.raises(SystemExit) as exit_info:
             run_entry(main, argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), argv
+        said.append(err)
+    assert "such as [-1]" in said[-2] and "shape (20, 2)" in said[-1]  # the message names what is wrong
 
 
 def test_distances_ignore_a_training_runs_tf32_setting(monkeypatch):

@@ -92,7 +92,10 @@ def test_same_training_cli_exit_codes(tmp_path):
     torch.save(one, tmp_path / "a.pt")
     torch.save({**one, "created": "later", "config": {"run_name": "b"}}, tmp_path / "b.pt")
     torch.save({**one, "model": {"w": torch.zeros(2)}}, tmp_path / "c.pt")
-    assert same_training_cli(tmp_path / "a.pt", tmp_path / "b.pt").returncode == 0
+    same = same_training_cli(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert same.returncode == 0 and "step 3, 1 rank(s); bit for bit equal: model" in same.stdout  # says what it held
+    torch.save({**one, "stage": "01_vae"}, tmp_path / "other_stage.pt")
+    assert same_training_cli(tmp_path / "a.pt", tmp_path / "other_stage.pt").returncode == 2
     differs = same_training_cli(tmp_path / "a.pt", tmp_path / "c.pt")
     assert differs.returncode == 1 and "differ in: model" in differs.stdout
     missing = same_training_cli(tmp_path / "a.pt", tmp_path / "gone.pt")  # a mistake, not a verdict
