@@ -93,7 +93,6 @@ def autocast(device: torch.device, enabled: bool):
 class Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -116,7 +115,7 @@ def ddp_setup(device: str = "auto") -> Dist:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def ddp_teardown(barrier: bool = True) -> None:

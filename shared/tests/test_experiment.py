@@ -89,6 +89,9 @@ def test_run_and_resume_mistakes_are_refused_before_anything_is_written(smoke, t
         with pytest.raises(UserError, match="not a path out of it"):
             toy_train.main(dataclasses.replace(smoke, run_name=name, steps=2))
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute").exists()
+    with pytest.raises(UserError, match="batch"):  # a mistake found inside the run, before its first checkpoint
+        toy_train.main(dataclasses.replace(smoke, run_name="too_big", batch_size=10 ** 6))
+    assert not (tmp_path / "00_toy" / "too_big").exists()  # leaves no folder that looks like a run
     toy_train.main(dataclasses.replace(smoke, run_name="done", steps=4))
     with pytest.raises(UserError, match="--steps 2 is below the step 4"):
         toy_train.main(dataclasses.replace(smoke, run_name="done", steps=2, resume="auto"))
