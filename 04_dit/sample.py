@@ -35,10 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      formatter_class=argparse.RawDescriptionHelpFormatter), 100)
     parser.add_argument("--class-label", type=int, default=-1, help="digit to draw (default -1: every digit, "
                         "in equal shares, one grid row per digit)")
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1: none; "
+                        "default: %(default)s)")
     parser.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="ddpm|ddim for eps-models, "
                         "euler|heun for flow models (default: ddim, resp. heun)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default: %(default)s)")
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                         help="guide only while the normalised time t/T is in [LO, HI] (default: always)")
     return parser.parse_args(argv)

@@ -215,12 +215,13 @@ def add_sample_args(parser: argparse.ArgumentParser, num_samples: int = 64) -> a
     parser.error = one_line_error
     parser.add_argument("--ckpt", default="", help="checkpoint to sample from (default: this stage's newest "
                         "run, else pretrained/mnist.pt)")
-    parser.add_argument("--num-samples", type=int, default=num_samples, help="how many images to draw")
+    parser.add_argument("--num-samples", type=int, default=num_samples, help="how many images to draw "
+                        "(default: %(default)s)")
     parser.add_argument("--out", default="", help="where to write the .npz of uint8 samples (default: "
                         "samples.npz beside the checkpoint); the grid PNG goes beside it")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the sampler's noise")
-    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="where to sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the sampler's noise (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="where to sample (default: %(default)s)")
     return parser
 
 

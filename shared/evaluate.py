@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                         "beside the .npz; nowhere for mnist-... sources)")
     parser.add_argument("--parzen", action="store_true", help="also the Parzen-window log-likelihood (slow: "
                         "~100 GFLOP for 10,000 samples)")
-    parser.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the classifier")
+    parser.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the classifier "
+                        "(default: %(default)s)")
     parser.add_argument("--rebuild-reference", action="store_true", help="recompute the cached test-set "
                         "statistics, FID floor and real-data Parzen LL in shared/weights/mnist_reference.pt")
     args = parser.parse_args(argv)
