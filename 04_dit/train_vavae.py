@@ -69,10 +69,12 @@ def main(cfg: TrainConfig) -> dict:
         test_images, test_labels = load_images(cfg.dataset, train=False)
         ae = Autoencoder(AEConfig(width=cfg.width)).to(run.device)
         opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+        # Loaded before restore(): building the classifier draws from the global RNG, which a resumed run must
+        # then set back to the checkpoint's state, as a straight run's next draw would find it.
+        classifier = load_classifier(run.device) if cfg.align else None
         run.restore(model=ae, optimizer=opt)
         # Without alignment the VF projection W (ae.proj) gets no gradient; DDP must then not wait for it.
         net = run.wrap(ae, find_unused_parameters=not cfg.align)
-        classifier = load_classifier(run.device) if cfg.align else None
         batches = run.batches(images, labels, cfg.batch_size)
         for step in run.steps():
             x, _ = next(batches)

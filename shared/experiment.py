@@ -179,7 +179,7 @@ class Run:
             how = f"stopped early ({self.stop_reason})" if self.stop_reason else "finished"
             print0(f"{self.stage}: {how} at step {self.step}; outputs in {self.dir}")
             if self.stop_reason and RESUME_HINT:
-                print0(RESUME_HINT.format(ckpt=self.ckpt_path))
+                print0(RESUME_HINT.format(ckpt=self.ckpt_path) + self._invocation_flags())
         written = {p.name for p in self.dir.iterdir()} if self.dir.is_dir() else set()
         if exc_type is not None and issubclass(exc_type, UserError) and self.is_main and self.resume_from is None \
                 and written <= {"config.json", "metrics.jsonl"}:  # a mistake found this early leaves no run behind
@@ -188,6 +188,15 @@ class Run:
             self.dir.rmdir()
         ddp_teardown(barrier=exc_type is None)
         return False
+
+    def _invocation_flags(self) -> str:
+        """This invocation's flags that change the arithmetic and that a resume does not inherit (cli.py's
+        PER_INVOCATION): the hint repeats them, so that following it continues the same computation."""
+        flags = [f"--{name.replace('_', '-')}" for name in ("compile", "channels_last")
+                 if getattr(self.cfg, name, False)]
+        if getattr(self.cfg, "device", "auto") != "auto":
+            flags.append(f"--device {self.cfg.device}")
+        return "".join(" " + flag for flag in flags)
 
     def _on_signal(self, signum, frame):
         if self._signalled:  # a second Ctrl-C aborts at once

@@ -181,9 +181,10 @@ def checkpoints_equal(a: dict, b: dict, keys=("model",)) -> bool:
 
 def same_training(a: dict, b: dict) -> list[str]:
     """What differs between two checkpoints of one training: every key (weights, optimizer states, step, ranks,
-    RNG states) but when it was written (``created``) and the config (a resumed run's records its resume flags);
-    empty when none."""
-    skip = {"created", "config"}
+    RNG states) but where and when it was written (``created``, and ``git_hash``, ``torch_version``, ``cpu`` of
+    the invocation that wrote it, which a resume after a commit changes) and the config (a resumed run's records
+    its resume flags); empty when none."""
+    skip = {"created", "config", "git_hash", "torch_version", "cpu"}
     return sorted(k for k in a.keys() | b.keys() if k not in skip and not (k in a and k in b and _same(a[k], b[k])))
 
 
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
     if differ:
         print(f"{args.ckpts[0]} and {args.ckpts[1]} differ in: {', '.join(differ)}")
         return 1
-    held = sorted(k for k in a if k not in {"created", "config", "stage", "step", "world_size"})
+    held = sorted(k for k in a if k not in {"created", "config", "git_hash", "torch_version", "cpu", "stage", "step",
+                                            "world_size"})
     print(f"same training: step {a.get('step', '?')}, {a.get('world_size', 1)} rank(s); bit for bit equal: "
           f"{', '.join(held) or 'nothing else'}")
     return 0

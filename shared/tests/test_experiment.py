@@ -123,8 +123,11 @@ def test_resume_takes_the_checkpoint_config_and_explicit_flags_win(smoke, tmp_pa
     assert cfg.width == 24 and cfg.steps == 40 and cfg.stop_at == 0 and cfg.dataset == "synthetic"
 
 
-def test_resuming_at_the_stop_at_step_trains_no_further(smoke, tmp_path):
-    toy_train.main(dataclasses.replace(smoke, run_name="s", stop_at=5))
+def test_resuming_at_the_stop_at_step_trains_no_further(smoke, tmp_path, capsys):
+    toy_train.main(dataclasses.replace(smoke, run_name="s", stop_at=5, channels_last=True))
+    hint = capsys.readouterr().out.strip().splitlines()[-1]  # what to run next repeats this invocation's layout
+    assert hint == f"continue with: python train.py --resume {tmp_path / '00_toy/s/ckpt.pt'} --channels-last " \
+                   "--device cpu"
     run = toy_train.main(dataclasses.replace(smoke, run_name="s", resume="auto", stop_at=5))
     assert run.step == 5 and run.stop_reason == "--stop-at 5"
     assert torch.load(tmp_path / "00_toy/s/ckpt.pt", weights_only=True)["step"] == 5

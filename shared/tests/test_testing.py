@@ -90,7 +90,8 @@ def test_same_training_cli_exit_codes(tmp_path):
 
     one = {"stage": "00_toy", "step": 3, "model": {"w": torch.ones(2)}, "created": "now", "config": {"run_name": "a"}}
     torch.save(one, tmp_path / "a.pt")
-    torch.save({**one, "created": "later", "config": {"run_name": "b"}}, tmp_path / "b.pt")
+    torch.save({**one, "created": "later", "config": {"run_name": "b"}, "git_hash": "committed-since"},
+               tmp_path / "b.pt")  # resumed after a commit: the same training all the same
     torch.save({**one, "model": {"w": torch.zeros(2)}}, tmp_path / "c.pt")
     same = same_training_cli(tmp_path / "a.pt", tmp_path / "b.pt")
     assert same.returncode == 0 and "step 3, 1 rank(s); bit for bit equal: model" in same.stdout  # says what it held
