@@ -154,6 +154,16 @@ def test_classifier_training_entry_point(tmp_path, monkeypatch):
     assert {int(state["step"]) for state in opt["state"].values()} == {cfg.steps}
 
 
+def test_classifier_training_resumes_bit_identically(tmp_path):
+    from shared.classifier import PRESETS, TrainConfig, main
+    from shared.cli import config_from_preset
+    from shared.testing import run_interrupted_and_straight, same_training
+
+    cfg = config_from_preset(TrainConfig, PRESETS, "smoke", steps=12, ckpt_every=0, device="cpu")
+    straight, resumed = run_interrupted_and_straight(main, cfg, stop_at=5, experiments=tmp_path)
+    assert straight["step"] == resumed["step"] == 12 and same_training(straight, resumed) == []
+
+
 def test_learning_rate_warmup_then_cosine_to_zero():
     from shared.classifier import TrainConfig, learning_rate
 
