@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                    "training images seen) from these run folders' metrics")
     args = p.parse_args(argv)
     check_seed(args.seed)
+    if Path(args.prefix).name != args.prefix:  # a prefix is part of a file name; --out says where
+        raise UserError(f"--prefix {args.prefix!r} must not hold a path; put the folder in --out")
     out = output_dir(args.out, "--out")
     if args.curves:  # the picture, and its numbers beside it
         curves = {run: lower_bound_curve(Path(run)) for run in args.curves}

@@ -26,7 +26,7 @@ def load_model(ckpt_arg: str, device: torch.device | str = "cpu") -> tuple[VAE, 
     """The VAE of a checkpoint (``--ckpt``, else the newest run, else pretrained/), rebuilt from its config."""
     path = find_checkpoint(STAGE, Path(__file__).parent, ckpt_arg)
     ckpt = load_checkpoint(path, STAGE)
-    cfg = ckpt["config"]
+    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     if cfg.get("model") not in SIZES:
         raise UserError(f"{path} names an unknown model {cfg.get('model')!r}")
     model = VAE(vae_config(cfg["model"], cfg.get("z_dim", 0)))

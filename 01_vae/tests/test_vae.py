@@ -499,8 +499,10 @@ def test_sample_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     foreign = save_checkpoint({"stage": "02_gan", "config": {}, "model": {}}, tmp_path / "gan.pt")
     alien = save_checkpoint({"stage": "01_vae", "config": {"model": "mlp", "z_dim": 7}, "model": {}}, tmp_path / "a.pt")
+    no_config = save_checkpoint({"stage": "01_vae", "model": {}}, tmp_path / "no_config.pt")
     (tmp_path / "afile").write_text("")
     for args in (["--ckpt", str(tmp_path / "missing.pt")], ["--ckpt", str(foreign)], ["--ckpt", str(alien)],
+                 ["--ckpt", str(no_config)],
                  ["--num-samples", "0"], ["--out", "x.png"], ["--out", str(tmp_path / "afile" / "s.npz")]):
         with pytest.raises(SystemExit) as exit_info:
             run_entry(sample.main, args)
@@ -513,7 +515,7 @@ def test_sample_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
     ("likelihood", ["--num-test", "10001"]),
     ("likelihood", ["--k", "1", "--num-test", "2", "--json", str(Path(__file__).parent)]),  # a folder
     ("figures", ["--seed", "x"]), ("figures", ["--seed", str(2**64)]), ("figures", ["--dataset", "cifar10"]),
-    ("figures", ["--out", __file__]), ("figures", ["--bogus"])])
+    ("figures", ["--out", __file__]), ("figures", ["--bogus"]), ("figures", ["--prefix", "../../../proc/x"])])
 def test_likelihood_and_figures_cli_errors_exit_2_with_one_line(script, args, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit) as exit_info:
