@@ -140,8 +140,12 @@ def main(cfg: TrainConfig):
             if run.every(cfg.ckpt_every, step):
                 run.save_checkpoint(model=model, optimizer=opt)
 
-        run.save_checkpoint(model=model, optimizer=opt)
-        evaluate_and_draw(run.step, "final.png")
+        if run.stop_reason:  # stopped early: one straight run logs no evaluation here, so a resume drops this one
+            run.save_checkpoint(model=model, optimizer=opt)
+            evaluate_and_draw(run.step, "final.png")
+        else:  # finished: its last test ELBO stays in the log of a run resumed to more --steps (README section 6)
+            evaluate_and_draw(run.step, "final.png")
+            run.save_checkpoint(model=model, optimizer=opt)
         return model
 
 

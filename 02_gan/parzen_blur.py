@@ -75,7 +75,8 @@ def main(argv=None):
         print(f"wrote {args.picture}")
     if args.json:
         out = {"samples": args.samples, "num_samples": len(samples), "real": f"train[:{REAL_IMAGES}]",
-               "command": f"python parzen_blur.py {args.samples} --widths {' '.join(map(str, args.widths))}",
+               "command": f"python parzen_blur.py {args.samples} --widths {' '.join(map(str, args.widths))} "
+                          f"--json {args.json}" + (f" --picture {args.picture}" if args.picture else ""),
                "rows": rows}
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -338,6 +338,23 @@ def test_resume_is_bit_identical(tmp_path):
     assert same_training(straight, resumed) == []  # and the step, the RNG states and the rest of the checkpoint
 
 
+def test_a_finished_run_continued_to_more_steps_logs_what_one_longer_run_logs(tmp_path, monkeypatch):
+    """The README's Fig. 2 recipe trains 10^5 steps, then resumes with --steps 200000: the test ELBO of the first
+    run's end must stay in metrics.jsonl, as the periodic evaluation at that step of one 2 x 10^5-step run would
+    have it."""
+    from shared.images import read_metrics
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    common = dict(sample_every=4, ckpt_every=0, log_every=2)
+    train.main(smoke_cfg(steps=12, run_name="straight", **common))
+    train.main(smoke_cfg(steps=8, run_name="extended", **common))
+    train.main(smoke_cfg(steps=12, run_name="extended", resume="auto", **common))
+    rows = [[{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path / "01_vae" / name /
+                                                                               "metrics.jsonl")]
+            for name in ("straight", "extended")]
+    assert [r["step"] for r in rows[0] if "test_elbo" in r] == [4, 8, 12] and rows[0] == rows[1]
+
+
 def test_warmup_ramps_the_learning_rate_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     train.main(smoke_cfg(steps=12, warmup=8, lr=1e-3, sample_every=0, run_name="ramp", stop_at=3))

@@ -42,7 +42,9 @@ def test_json_into_a_new_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(parzen_blur, "blur_table", lambda samples, widths: rows)  # skip the 10,000-image scoring
     out = tmp_path / "new" / "folder" / "blur.json"
     main([str(path), "--widths", "0", "--json", str(out)])
-    assert json.loads(out.read_text())["rows"] == rows
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows
+    assert saved["command"] == f"python parzen_blur.py {path} --widths 0.0 --json {out}"  # the whole command
 
 
 def test_bad_flags_are_one_line(capsys):
