@@ -180,12 +180,13 @@ class Run:
             print0(f"{self.stage}: {how} at step {self.step}; outputs in {self.dir}")
             if self.stop_reason and RESUME_HINT:
                 print0(RESUME_HINT.format(ckpt=self.ckpt_path) + self._invocation_flags())
-        written = {p.name for p in self.dir.iterdir()} if self.dir.is_dir() else set()
         if exc_type is not None and issubclass(exc_type, UserError) and self.is_main and self.resume_from is None \
-                and written <= {"config.json", "metrics.jsonl"}:  # a mistake found this early leaves no run behind
-            for name in written:
-                (self.dir / name).unlink()
-            self.dir.rmdir()
+                and self.dir.is_dir():
+            written = list(self.dir.iterdir())
+            if {p.name for p in written} <= {"config.json", "metrics.jsonl"}:  # a mistake this early leaves no run
+                for path in written:
+                    path.unlink()
+                self.dir.rmdir()
         ddp_teardown(barrier=exc_type is None)
         return False
 
