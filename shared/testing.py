@@ -179,13 +179,17 @@ def checkpoints_equal(a: dict, b: dict, keys=("model",)) -> bool:
     return all(_same(a[key], b[key]) for key in keys)
 
 
+# A checkpoint's entries that say who wrote it and how it was asked for, not what the training reached.
+NOT_TRAINING = frozenset({"created", "config", "git_hash", "torch_version", "cpu"})
+
+
 def same_training(a: dict, b: dict) -> list[str]:
     """What differs between two checkpoints of one training: every key (weights, optimizer states, step, ranks,
     RNG states) but where and when it was written (``created``, and ``git_hash``, ``torch_version``, ``cpu`` of
     the invocation that wrote it, which a resume after a commit changes) and the config (a resumed run's records
     its resume flags); empty when none."""
-    skip = {"created", "config", "git_hash", "torch_version", "cpu"}
-    return sorted(k for k in a.keys() | b.keys() if k not in skip and not (k in a and k in b and _same(a[k], b[k])))
+    return sorted(k for k in a.keys() | b.keys()
+                  if k not in NOT_TRAINING and not (k in a and k in b and _same(a[k], b[k])))
 
 
 def run_interrupted_and_straight(main, cfg, stop_at: int, experiments: Path) -> tuple[dict, dict]:
@@ -231,8 +235,7 @@ def main(argv=None) -> int:
     if differ:
         print(f"{args.ckpts[0]} and {args.ckpts[1]} differ in: {', '.join(differ)}")
         return 1
-    held = sorted(k for k in a if k not in {"created", "config", "git_hash", "torch_version", "cpu", "stage", "step",
-                                            "world_size"})
+    held = sorted(k for k in a if k not in NOT_TRAINING | {"stage", "step", "world_size"})
     print(f"same training: step {a.get('step', '?')}, {a.get('world_size', 1)} rank(s); bit for bit equal: "
           f"{', '.join(held) or 'nothing else'}")
     return 0
