@@ -44,8 +44,9 @@ def forward_process(diffusion: Diffusion, x0: torch.Tensor, out: Path) -> torch.
 
 
 def reverse_process(model, diffusion: Diffusion, out: Path, n: int = 4) -> list[int]:
-    """Fig. 6 of the paper: x_t (odd rows) and the network's x_hat_0 predicted from that x_t (even rows) along
-    Algorithm 2, from x_T (t = T) to the sample x_0 (t = 0, where both rows show x_0). Returns the t's shown:
+    """After Fig. 6 of the paper, which shows x_hat_0 alone: x_t (odd rows, our addition) and the network's
+    x_hat_0 predicted from that x_t (even rows) along Algorithm 2, from x_T (t = T) to the sample x_0 (t = 0,
+    where both rows show x_0). Returns the t's shown:
     1000, 800, 600, 400, 300, 200, 100, 50, 0 for T = 1000, scaled for another T."""
     trace = []
     diffusion.sample_ddpm(model, (n, 1, 28, 28), generator=torch.Generator().manual_seed(1), trace=trace)

@@ -132,7 +132,7 @@ def marginal_distance_matrix_loss(z_proj: torch.Tensor, f: torch.Tensor, m2: flo
 
 def adaptive_weight(rec_loss: torch.Tensor, vf_loss: torch.Tensor, last_layer: torch.Tensor,
                     eps: float = 1e-12) -> torch.Tensor:
-    """w_adaptive = ||grad_W_last L_rec|| / ||grad_W_last L_vf|| (Eq. 20; the paper's adaptive weighting, §3.2),
+    """w_adaptive = ||grad_W_last L_rec|| / ||grad_W_last L_vf|| (Eq. 20; the paper's adaptive weighting, §3),
     W_last the encoder's last conv weight: the VF loss then pushes on the encoder as hard as reconstruction does.
     A constant (detached).
     eps only avoids 0/0 when the VF loss is flat (zero inside both margins); the authors' code uses 1e-4, which
@@ -145,7 +145,7 @@ def adaptive_weight(rec_loss: torch.Tensor, vf_loss: torch.Tensor, last_layer: t
 
 def vf_loss(ae: Autoencoder, z: torch.Tensor, f: torch.Tensor, rec_loss: torch.Tensor, m1: float, m2: float,
             w_hyper: float) -> dict:
-    """L_vf = w_hyper * w_adaptive * (L_mcos + L_mdms) (Eq. 21; the paper's total VF loss, §3.2) for the latent
+    """L_vf = w_hyper * w_adaptive * (L_mcos + L_mdms) (Eq. 21; the paper's total VF loss, §3) for the latent
     sample z (B, 4, 7, 7) and the frozen features f (B, 64, 7, 7)."""
     z_proj = ae.proj(z)  # Eq. (17): (B, 64, 7, 7)
     mcos = marginal_cosine_loss(z_proj, f, m1)
