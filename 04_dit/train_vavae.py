@@ -20,7 +20,7 @@ from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_symmetric
 from shared.experiment import Run
 from shared.images import to_uint8
-from shared.runtime import to_device
+from shared.runtime import autocast, to_device
 
 STAGE = AE_STAGE  # its own experiments/ folder, so that sample.py never mistakes it for a DiT run
 
@@ -79,13 +79,14 @@ def main(cfg: TrainConfig) -> dict:
         for step in run.steps():
             x, _ = next(batches)
             x = to_device(to_symmetric(x), run.device)  # (B, 1, 28, 28) in [-1, 1]
-            out = net(x)  # z = mu + sigma eps (Eq. 14), x_hat = decode(z)
-            losses = ae_losses(out, x, cfg.beta)  # Eq. (16)
-            loss = losses["ae"]
-            if cfg.align:
-                f = foundation_features(classifier, x)  # (B, 64, 7, 7), frozen
-                losses.update(vf_loss(ae, out["z"], f, losses["rec"], cfg.m1, cfg.m2, cfg.vf_weight))  # Eq. (17)-(21)
-                loss = loss + losses["vf"]
+            with autocast(run.device, cfg.amp):
+                out = net(x)  # z = mu + sigma eps (Eq. 14), x_hat = decode(z)
+                losses = ae_losses(out, x, cfg.beta)  # Eq. (16)
+                loss = losses["ae"]
+                if cfg.align:
+                    f = foundation_features(classifier, x)  # (B, 64, 7, 7), frozen
+                    losses.update(vf_loss(ae, out["z"], f, losses["rec"], cfg.m1, cfg.m2, cfg.vf_weight))  # (17)-(21)
+                    loss = loss + losses["vf"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

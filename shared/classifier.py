@@ -33,7 +33,7 @@ from shared.checkpoint import load_checkpoint, provenance, save_checkpoint
 from shared.cli import CommonConfig, arg, output_file, train_entry
 from shared.data import load_images, to_unit
 from shared.experiment import Run
-from shared.runtime import full_float32, to_device
+from shared.runtime import autocast, full_float32, to_device
 
 STAGE = "classifier"
 WEIGHTS = REPO_ROOT / "shared" / "weights" / "classifier.pt"
@@ -123,7 +123,7 @@ class TrainConfig(CommonConfig):
     weight_decay: float = arg(1e-4, "AdamW weight decay")
     shift: int = arg(2, "augmentation: random translation by up to this many pixels")
     warmup: int = arg(100, "linear warm-up steps")
-    sample_every: int = arg(0, "unused by the classifier")
+    sample_every: int = arg(0, "the classifier draws no samples, so this stays 0", max=0)
     ckpt_every: int = arg(400, "write a checkpoint every N steps (0: only at the end)")
     export: str = arg("", "also write the frozen weights (+ test accuracy, provenance) to this path, e.g. "
                       "shared/weights/classifier.pt")
@@ -174,7 +174,8 @@ def main(cfg: TrainConfig) -> dict:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             net.train()
-            loss = F.cross_entropy(net(x), to_device(y, run.device))
+            with autocast(run.device, cfg.amp):
+                loss = F.cross_entropy(net(x), to_device(y, run.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -208,6 +208,22 @@ def test_exact_resume_of_the_autoencoder_trainer(tmp_path):
     assert straight["config"]["align"] and straight["seed"] == 0
 
 
+def test_autoencoder_step_runs_under_the_amp_flag(tmp_path, monkeypatch):
+    """--amp is bf16 autocast on CUDA, a no-op here: a spy checks that every training step asks for it."""
+    import contextlib
+
+    asked = []
+
+    def spy(device, enabled):
+        asked.append(enabled)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(train_vavae, "autocast", spy)
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train_vavae.main(ae_cfg(steps=3, amp=True))
+    assert asked == [True] * 3
+
+
 def test_alignment_loss_falls_while_training(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     train_vavae.main(ae_cfg(steps=60, width=8, lr=3e-3, run_name="a", log_every=10))

@@ -154,6 +154,25 @@ def test_classifier_training_entry_point(tmp_path, monkeypatch):
     assert {int(state["step"]) for state in opt["state"].values()} == {cfg.steps}
 
 
+def test_classifier_training_step_runs_under_the_amp_flag(tmp_path, monkeypatch):
+    """--amp is bf16 autocast on CUDA, a no-op here: a spy checks that every training step asks for it."""
+    import contextlib
+
+    import shared.classifier as classifier
+    from shared.cli import config_from_preset
+
+    asked = []
+
+    def spy(device, enabled):
+        asked.append(enabled)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(classifier, "autocast", spy)
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    classifier.main(config_from_preset(classifier.TrainConfig, classifier.PRESETS, "smoke", steps=3, amp=True))
+    assert asked == [True] * 3
+
+
 def test_classifier_training_resumes_bit_identically(tmp_path):
     from shared.classifier import PRESETS, TrainConfig, main
     from shared.cli import config_from_preset
