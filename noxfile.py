@@ -1,4 +1,4 @@
-"""ScratchGen's sessions: ``nox -l`` lists them, ``nox`` runs them all.
+"""ScratchGen's sessions: ``nox -l`` lists them, ``nox`` runs them all but ``bench``.
 
 Every session runs in the environment nox itself runs in (``venv_backend="none"``): torch is a multi-GB
 install, made once by the README's set-up, never once per session. Sessions are discovered from the
@@ -24,7 +24,6 @@ TRAINABLE = [s for s in STAGES if (ROOT / s / "train.py").exists()]
 
 nox.options.sessions = ["lint", "tests-shared", *[f"tests-{s}" for s in STAGES], *[f"smoke-{s}" for s in TRAINABLE],
                         *[f"ddp-{s}" for s in TRAINABLE]]
-nox.options.error_on_missing_interpreters = False
 
 
 @nox.session(name="lint", venv_backend="none")

@@ -20,25 +20,24 @@ import numpy as np
 import torch
 from model import sample_noise
 from sample import load_generator
+from torchvision.io import ImageReadMode, read_image
 from train import PAPER_TRAIN_IMAGES
 
 from shared import UserError
 from shared.cli import one_line_error, output_dir, run_entry
-from shared.data import load_images
+from shared.data import load_images, to_unit
 from shared.images import read_metrics, save_gif, save_grid, to_uint8
 
 
 def training_gif(run_dir: Path, out: Path, max_frames: int = 16) -> Path:
-    from PIL import Image
-
     paths = sorted((run_dir / "samples").glob("step_*.png"))
     if not paths:
         raise UserError(f"{run_dir}/samples holds no step_*.png frames")
     keep = np.unique(np.linspace(0, len(paths) - 1, max_frames).round().astype(int))
     frames = []
     for i in keep:
-        grid = np.array(Image.open(paths[i]).convert("L"))[:122]  # the top 4 rows of the 8x8 grid (2 + 4 * 30 px)
-        frames.append(torch.from_numpy(grid)[None, None].float() / 255)  # (1, 1, 122, 242)
+        grid = read_image(str(paths[i]), ImageReadMode.GRAY)[:, :122]  # the top 4 rows of the 8x8 grid (2 + 4 * 30 px)
+        frames.append(to_unit(grid[None]))  # (1, 1, 122, 242)
     return save_gif(frames, out, nrow=1, value_range=(0.0, 1.0), ms_per_frame=300)
 
 
@@ -46,9 +45,9 @@ def training_gif(run_dir: Path, out: Path, max_frames: int = 16) -> Path:
 def nearest_neighbours(G, out: Path, n: int = 8, seed: int = 0) -> Path:
     """Each row: one sample, then its 5 nearest training images (Euclidean distance in pixels)."""
     train, _ = load_images("mnist")
-    train = train[:PAPER_TRAIN_IMAGES].float().flatten(1) / 255  # (50000, 784)
+    train = to_unit(train[:PAPER_TRAIN_IMAGES]).flatten(1)  # (50000, 784)
     z = sample_noise(n, G.cfg, generator=torch.Generator().manual_seed(seed))
-    samples = to_uint8(G(z), G.value_range).float().flatten(1) / 255  # (n, 784)
+    samples = to_unit(to_uint8(G(z), G.value_range)).flatten(1)  # (n, 784)
     idx = torch.cdist(samples, train).topk(5, largest=False).indices  # (n, 5)
     rows = torch.cat([samples[:, None], train[idx]], dim=1)  # (n, 6, 784)
     return save_grid(rows.view(-1, 1, 28, 28), out, nrow=6, value_range=(0.0, 1.0))

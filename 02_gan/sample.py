@@ -26,9 +26,8 @@ def load_generator(path: Path, device="cpu") -> torch.nn.Module:
     """The generator of a checkpoint (a training run's, or the exported ``pretrained/mnist.pt``)."""
     ckpt = load_checkpoint(path, STAGE)
     G, _ = build_gan(gan_config_of(ckpt["config"]))
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     try:
-        G.load_state_dict(weights)
+        G.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         raise UserError(f"{path} does not fit its own config ({load_error(err)})") from None
     return G.to(device).eval()

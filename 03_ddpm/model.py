@@ -153,7 +153,7 @@ class UNet(nn.Module):
             else:  # downsampling conv: (B, C, H, W) -> (B, C, H/2, W/2)
                 h = layer(h)
             hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)  # (B, C, 7, 7)
+        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)  # (B, C, 7, 7); (B, C, 14, 14) for tiny
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
                 h = layer[0](torch.cat([h, hs.pop()], dim=1), temb)

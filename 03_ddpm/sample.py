@@ -34,7 +34,7 @@ def load_model(path: Path, device) -> tuple[torch.nn.Module, Diffusion, dict]:
     model = build_unet(cfg["model"], cfg["dropout"])
     weights = ckpt.get("ema", ckpt["model"])
     try:
-        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        model.load_state_dict(weights)
     except RuntimeError as err:
         raise UserError(f"{path} does not fit the U-Net '{cfg['model']}' ({load_error(err)})") from None
     return model.to(device).eval(), make_diffusion(cfg).to(device), ckpt

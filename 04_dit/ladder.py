@@ -32,6 +32,7 @@ from shared.checkpoint import load_checkpoint
 from shared.cli import PER_INVOCATION, config_from_preset, one_line_error, run_entry
 from shared.experiment import CKPT_NAME, experiments_dir
 from shared.images import to_uint8
+from shared.metrics import evaluate
 from shared.runtime import DEVICES
 
 # The vanilla DiT (every LightningDiT switch off); each rung adds its switches to all the rungs above it.
@@ -97,12 +98,12 @@ def plot_ladder(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for name in dict.fromkeys(r["rung"] for r in rows):
         points = [(r["step"], r["fid"]) for r in rows if r["rung"] == name]
         ax.plot(*zip(*points), marker="o", lw=1, label=name)
     ax.set(xlabel="training step", ylabel="FID-MNIST", yscale="log", title="LightningDiT ladder (toy scale)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: it hid points
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -154,7 +155,6 @@ def main(argv=None):
         raise UserError(f"--rungs must be between 1 and {len(RUNGS)}, got {args.rungs}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
         raise UserError(f"--name must be letters, digits, '_', '.' or '-', got {args.name!r}")
-    from shared.metrics import evaluate  # needs the shared classifier's weights
 
     eval_at = sorted(set(args.eval_at))
     scoring = {k: getattr(args, k) for k in SCORING}

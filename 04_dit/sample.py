@@ -56,7 +56,7 @@ def load_model(path: Path, device) -> tuple[DiT, dict, Autoencoder | None]:
         model = DiT(dit_config(c["size"], class_dropout=0.0, swiglu=c["swiglu"], rmsnorm=c["rmsnorm"],
                                rope=c["rope"], qk_norm=c["qk_norm"], **shape))
         weights = ckpt["ema"] if "ema" in ckpt else ckpt["model"]
-        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        model.load_state_dict(weights)
     except KeyError as err:
         raise UserError(f"{path} is not a DiT checkpoint of this stage (it has no {err})") from None
     except RuntimeError as err:

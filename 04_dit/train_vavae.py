@@ -17,7 +17,7 @@ from vavae import AE_STAGE, AEConfig, Autoencoder, ae_losses, foundation_feature
 from shared import UserError
 from shared.classifier import load_classifier
 from shared.cli import CommonConfig, arg, train_entry
-from shared.data import load_images, to_symmetric
+from shared.data import load_images, to_symmetric, to_unit
 from shared.experiment import Run
 from shared.images import to_uint8
 from shared.runtime import autocast, to_device
@@ -101,7 +101,7 @@ def main(cfg: TrainConfig) -> dict:
         # Reconstruction quality on the test split, through the posterior mean.
         ae.eval()
         rec = reconstruct(ae, test_images)
-        mse = (rec.float() / 255 - test_images.float() / 255).pow(2).mean().item()  # pixels in [0, 1]
+        mse = (to_unit(rec) - to_unit(test_images)).pow(2).mean().item()  # pixels in [0, 1]
         result = {"test_mse": mse, "test_psnr": 10 * math.log10(1 / mse)}
         if cfg.dataset == "mnist":
             from shared.metrics import evaluate

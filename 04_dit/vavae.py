@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.checkpoint import load_checkpoint
+from shared.data import to_symmetric
 
 AE_STAGE = "04_dit-vavae"  # train_vavae.py's runs live in experiments/04_dit-vavae/, apart from the DiT's
 
@@ -75,7 +76,7 @@ def ae_from_state_dict(state: dict) -> Autoencoder:
     cfg = AEConfig(width=state["encoder.0.weight"].shape[0], z_channels=state["conv_out.weight"].shape[0] // 2,
                    feature_channels=state["proj.weight"].shape[0])
     ae = Autoencoder(cfg)
-    ae.load_state_dict({k: v.float() for k, v in state.items()})
+    ae.load_state_dict(state)
     return ae
 
 
@@ -162,7 +163,7 @@ def vf_loss(ae: Autoencoder, z: torch.Tensor, f: torch.Tensor, rec_loss: torch.T
 def encode_images(ae: Autoencoder, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """uint8 images (N, 1, 28, 28) -> posterior means mu (N, z, 7, 7), unnormalised (eval mode, no noise)."""
     device = next(ae.parameters()).device
-    out = [ae.encode(images[i:i + batch_size].to(device).float() / 127.5 - 1)[0].cpu()
+    out = [ae.encode(to_symmetric(images[i:i + batch_size]).to(device))[0].cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 

@@ -40,9 +40,9 @@ from train import STAGE, class_prompt_ids, grid_prompts, zero_shot_logits
 
 from shared import UserError
 from shared.cli import one_line_error, output_dir, output_file, run_entry
-from shared.data import load_images, to_unit
+from shared.data import load_images, to_symmetric, to_unit
 from shared.experiment import find_checkpoint
-from shared.images import save_grid
+from shared.images import save_grid, to_uint8
 from shared.runtime import DEVICES, choose_device
 
 ATTRIBUTE_PROMPTS = {  # (attribute, level, adjective) asked for in the attribute-adherence prompts
@@ -68,7 +68,7 @@ def miss_distance(values: torch.Tensor, edges: tuple[float, ...], level: int) ->
 def zero_shot(model, tok, images, labels, device) -> tuple[float, torch.Tensor]:
     """Accuracy and the 10 x 10 confusion matrix (rows: true digit) of prompt-based classification."""
     ids, n_templates = class_prompt_ids(tok)
-    preds = torch.cat([zero_shot_logits(model.clip, 2 * to_unit(images[i: i + 1000]).to(device) - 1,
+    preds = torch.cat([zero_shot_logits(model.clip, to_symmetric(images[i: i + 1000]).to(device),
                                         ids.to(device), n_templates).argmax(1).cpu()
                        for i in range(0, len(images), 1000)])
     confusion = torch.zeros(10, 10, dtype=torch.long)
@@ -90,7 +90,7 @@ def retrieval(model, tok, images, labels, device, seed: int = 0) -> dict:
             "top1_same_digit": (labels[top1] == labels).float().mean().item()}
 
 
-def attribute_prompts(n: int, seed: int = 0) -> tuple[list[str], list[int], list[str]]:
+def attribute_prompts(n: int) -> tuple[list[str], list[int], list[str]]:
     """n prompts "a <adjective> <digit>", digits and attributes in turn: (prompts, digits, attribute keys)."""
     keys = list(ATTRIBUTE_PROMPTS)
     prompts, digits, asked = [], [], []
@@ -205,7 +205,7 @@ def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, ass
     prompts, asked = two_digit_prompts(n)
     noise = torch.randn(n, 1, 28, 56, generator=torch.Generator().manual_seed(0)).to(device)
     images = generate(model, tok, prompts, noise, scale, steps, 250, interval)
-    u8 = ((images.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    u8 = to_uint8(images)
     pred = classify_halves(classifier, u8)
     left_of = torch.tensor([" left of " in p for p in prompts])  # the phrasing: "to the left of" / "right of"
     result = {"num_prompts": n, **two_digit_scores(pred, asked),
@@ -219,9 +219,8 @@ def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, ass
     prompts = [two_digit_caption((int(d), ""), (int(d), ""), left_first=True) for d in same]
     noise = torch.randn(m, 1, 28, 56, generator=torch.Generator().manual_seed(1)).to(device)
     same_images = generate(model, tok, prompts, noise, scale, steps, 250, interval).cpu()
-    same_u8 = ((same_images + 1) * 127.5).round().clamp(0, 255)
     result["same_digit_prompts"] = {"num_prompts": m, **two_digit_scores(
-        classify_halves(classifier, same_u8.to(torch.uint8)), torch.stack([same, same], 1))}
+        classify_halves(classifier, to_uint8(same_images)), torch.stack([same, same], 1))}
     # binding: opposite levels of one attribute asked of the two sides; the control asks the same pairs plainly
     # from the same noise, so its score is what the digits and the noise give without any adjective
     m = max(60, n // 2)
@@ -229,7 +228,7 @@ def evaluate_two_digit(model, tok, n: int, scale: float, steps: int, device, ass
     for key, adjectives in (("attribute_binding", True), ("attribute_binding_control", False)):
         prompts, pairs, attributes, low_side = binding_prompts(m, adjectives)
         images = (generate(model, tok, prompts, noise, scale, steps, 250, interval).cpu() + 1) / 2
-        pred = classify_halves(classifier, (images * 255).round().clamp(0, 255).to(torch.uint8))
+        pred = classify_halves(classifier, to_uint8(images, value_range=(0, 1)))
         right = (pred == pairs).all(1).float()  # (m,) both digits right and in order
         result[key] = {"num_prompts": m, **binding_scores(images, attributes, low_side),
                        "both_in_order": right.mean().item(),
@@ -309,11 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     from shared.classifier import load_classifier, predict
     from shared.metrics import evaluate
 
-    try:
-        classifier = load_classifier("cpu")
-    except UserError as err:  # the shared classifier's weights are made by another issue
-        print(f"digit adherence and FID not measured: {err}", flush=True)
-        classifier = None
+    classifier = load_classifier("cpu")
     g = torch.Generator().manual_seed(0)
     n = args.num_samples
     plain = [f"{article(w)} {w}" for w in DIGIT_WORDS]
@@ -321,18 +316,14 @@ def main(argv: list[str] | None = None) -> dict:
     noise = torch.randn(n, 1, 28, 28, generator=g).to(device)
     images = generate(model, tok, prompts, noise, scale, steps, 500, interval)
     digits = torch.arange(n) % 10
-    u8 = ((images.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    result["plain_prompts"] = {}
-    if classifier is not None:
-        metrics = evaluate(u8, digits.numpy())
-        result["plain_prompts"] = {k: metrics[k] for k in ("fid", "fid_floor", "precision", "recall", "label_accuracy")}
+    metrics = evaluate(to_uint8(images), digits.numpy())
+    result["plain_prompts"] = {k: metrics[k] for k in ("fid", "fid_floor", "precision", "recall", "label_accuracy")}
     result["plain_prompts"]["clip_score"] = clip_score(model, tok, images, prompts, device)
     print(json.dumps(result["plain_prompts"]), flush=True)
 
     prompts, asked_digits, asked = attribute_prompts(n)
     noise = torch.randn(n, 1, 28, 28, generator=g).to(device)
     images = generate(model, tok, prompts, noise, scale, steps, 500, interval)
-    u8 = ((images.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     x01 = (images.cpu() + 1) / 2
     levels = attribute_levels(x01)
     adherence, misses = {}, {}
@@ -351,18 +342,17 @@ def main(argv: list[str] | None = None) -> dict:
                                       for k, v in real_levels.items()},
         "clip_score": clip_score(model, tok, images, prompts, device),
     }
-    if classifier is not None:
-        preds = predict(classifier, u8)[1].argmax(1)
-        result["attribute_prompts"]["digit_adherence"] = (preds == torch.tensor(asked_digits)).float().mean().item()
+    preds = predict(classifier, to_uint8(images))[1].argmax(1)
+    result["attribute_prompts"]["digit_adherence"] = (preds == torch.tensor(asked_digits)).float().mean().item()
     real_caps = captions_for(to_unit(test_x[:1000]), test_y[:1000], torch.Generator().manual_seed(0))
-    result["real_images_clip_score"] = clip_score(model, tok, 2 * to_unit(test_x[:1000]) - 1, real_caps, device)
+    result["real_images_clip_score"] = clip_score(model, tok, to_symmetric(test_x[:1000]), real_caps, device)
     result["seconds"] = round(time.monotonic() - t0, 1)
     print(json.dumps(result["attribute_prompts"]), flush=True)
 
     if args.assets:
         out = Path(args.assets)
         save_confusion(confusion, out / "zero_shot_confusion.png")
-        grid, _ = grid_prompts()
+        grid = grid_prompts()
         noise = torch.randn(len(grid), 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(device)
         save_grid(generate(model, tok, grid, noise, scale, steps, 500, interval), out / "prompt_grid.png", nrow=10)
         sweep_prompts = ["a thick slanted seven", "a thin upright 4", "a small 2", "a bold 0, slanted left"]

@@ -54,7 +54,7 @@ def load_model(path: Path, device, weights: str = "ema") -> tuple[TextToImage, T
     model = build(cfg, tok)
     state = ckpt[weights] if "ema" in ckpt else ckpt["model"]
     try:
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path} does not fit this stage's model ({load_error(err)})") from None
     return model.to(device).eval(), tok, cfg
@@ -98,23 +98,27 @@ def generate(model: TextToImage, tok: Tokenizer, prompts: list[str], noise: torc
 
 @torch.no_grad()
 def interpolate_prompts(model: TextToImage, tok: Tokenizer, a: str, b: str, noise: torch.Tensor, scale: float,
-                        steps: int, interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-    """One image per w = 0 ... 1 (``len(noise)`` of them), all from ``noise[0]``: Euler steps along
+                        steps: int, batch_size: int, interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """One image per w = 0 ... 1 (``len(noise)`` of them), all from ``noise[0]``, in batches: Euler steps along
     v = (1 - w) v_A + w v_B, where v_A and v_B are the guided velocities (Eq. 8) of the two prompts, each read
     with its own token states and padding mask. So w = 0 draws what :func:`generate` draws for A, w = 1 for B."""
-    n, device = len(noise), noise.device
-    w = torch.linspace(0, 1, n, device=device)
-    cond_a, cond_b = (model.condition(tok.batch([p] * n, strict=True).to(device)) for p in (a, b))
-    null = model.condition(tok.batch([""] * n).to(device))
+    device = noise.device
 
     def blend(z, t, cond):  # cond: prompt A's (states, keep, pooled), prompt B's, then each row's w
         mix = cond[6].view(-1, 1, 1, 1)
         return (1 - mix) * model.velocity(z, t, cond[:3]) + mix * model.velocity(z, t, cond[3:6])
 
-    # A and B share the empty prompt's velocity, so blending their guided velocities equals guiding the blend of
-    # their conditional ones: v_null + s ((1 - w) v_A + w v_B - v_null). `sample` guides `blend` like any prompt.
-    return sample(blend, noise[:1].expand_as(noise), (*cond_a, *cond_b, w), (*null, *null, w), scale, steps,
-                  interval=interval).clamp(-1, 1)
+    out = []
+    for w in torch.linspace(0, 1, len(noise), device=device).split(batch_size):
+        n = len(w)
+        cond_a, cond_b = (model.condition(tok.batch([p] * n, strict=True).to(device)) for p in (a, b))
+        null = model.condition(tok.batch([""] * n).to(device))
+        # A and B share the empty prompt's velocity, so blending their guided velocities equals guiding the blend
+        # of their conditional ones: v_null + s ((1 - w) v_A + w v_B - v_null). `sample` guides `blend` like any
+        # prompt.
+        out.append(sample(blend, noise[:1].expand(n, *noise.shape[1:]), (*cond_a, *cond_b, w), (*null, *null, w),
+                          scale, steps, interval=interval).clamp(-1, 1))
+    return torch.cat(out)
 
 
 def add_guidance_args(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
         digits = torch.tensor([parse_prompt(p)[0] for p in prompts])
     if args.interpolate:
         images = interpolate_prompts(model, tok, *args.interpolate, noise, args.cfg_scale, args.sample_steps,
-                                     tuple(args.cfg_interval))
+                                     args.batch_size, tuple(args.cfg_interval))
     else:
         images = generate(model, tok, prompts, noise, args.cfg_scale, args.sample_steps, args.batch_size,
                           tuple(args.cfg_interval))

@@ -20,7 +20,7 @@ from model import CLIP_SIZES, MMDIT_SIZES, CLIPConfig, MMDiTConfig, TextToImage,
 
 from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
-from shared.data import load_images, to_unit
+from shared.data import load_images, to_symmetric, to_unit
 from shared.experiment import Run
 from shared.runtime import autocast, to_device
 
@@ -72,11 +72,11 @@ GRID_PROMPTS = ("a {n}", "a thick {w}", "a thin {w}", "a slanted {n}", "an uprig
                 "{w}, slanted left", "a bold italic {n}")
 
 
-def grid_prompts() -> tuple[list[str], torch.Tensor]:
+def grid_prompts() -> list[str]:
     """One row per phrasing, one column per digit (the training-time sample grid)."""
     prompts = [p.format(n=d, w=DIGIT_WORDS[d]) for p in GRID_PROMPTS for d in range(10)]
     prompts = [article(p.split()[1]) + p[p.index(" "):] if p.split()[0] in ("a", "an") else p for p in prompts]
-    return prompts, torch.arange(10).repeat(len(GRID_PROMPTS))
+    return prompts
 
 
 def class_prompt_ids(tok: Tokenizer) -> tuple[torch.Tensor, int]:
@@ -98,7 +98,7 @@ def make_batch(x_u8: torch.Tensor, y: torch.Tensor, tok: Tokenizer, p_small: flo
         x, captions, _ = two_digit_batch(x, y)
     else:
         captions = captions_for(x, y)
-    return 2 * x - 1, tok.batch(captions), captions
+    return 2 * x - 1, tok.batch(captions)  # (B, 1, H, W) in [-1, 1], (B, L) token ids
 
 
 def build(cfg: TrainConfig, tok: Tokenizer) -> TextToImage:
@@ -154,7 +154,7 @@ def zero_shot_accuracy(model: TextToImage, tok: Tokenizer, images: torch.Tensor,
     model.clip.eval()
     right = 0
     for i in range(0, len(images), batch):
-        x = 2 * to_unit(images[i: i + batch]).to(device) - 1
+        x = to_symmetric(images[i: i + batch]).to(device)
         right += (zero_shot_logits(model.clip, x, ids.to(device), n_templates).argmax(1).cpu()
                   == labels[i: i + batch]).sum().item()
     return right / len(images)
@@ -184,7 +184,7 @@ def main(cfg: TrainConfig):
         batches = run.batches(images, labels, cfg.batch_size)
         for step in run.steps():
             x_u8, y = next(batches)
-            x, ids, _ = make_batch(x_u8, y, tok, cfg.p_small, two_digit=cfg.two_digit and step > cfg.clip_steps)
+            x, ids = make_batch(x_u8, y, tok, cfg.p_small, two_digit=cfg.two_digit and step > cfg.clip_steps)
             x, ids = to_device(x, run.device), to_device(ids, run.device)
             if step <= cfg.clip_steps:  # ---- phase 1: mini-CLIP, Eq. (1)-(2)
                 for group in clip_opt.param_groups:
@@ -229,7 +229,7 @@ def main(cfg: TrainConfig):
 def sample_grid(model: TextToImage, tok: Tokenizer, cfg: TrainConfig, device) -> torch.Tensor:
     """The GRID_PROMPTS x 10 digits grid (or 40 two-digit prompts), from fixed noise (a private generator leaves
     the training RNG alone)."""
-    prompts = two_digit_prompts(40)[0] if cfg.two_digit else grid_prompts()[0]
+    prompts = two_digit_prompts(40)[0] if cfg.two_digit else grid_prompts()
     g = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(prompts), 1, 28, model.dit.cfg.width_px, generator=g).to(device)
     cond = model.condition(tok.batch(prompts).to(device))

@@ -3,7 +3,7 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads without unpickling
 arbitrary objects. Its keys: ``stage``, ``step``, ``seed``, ``config`` (the dataclass as a dict),
 ``git_hash``, ``torch_version``, ``cpu``, ``created``, then whatever state the stage saves (``model``, ``ema``,
-``optimizer``, ``scaler``, ``rng`` ...).
+``optimizer``, ``rng`` ...).
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def save_checkpoint(payload: dict, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cpu") -> dict:
-    """Load with ``weights_only=True``; a missing, corrupt, unsafe or other-stage file is a UserError. A run's
-    folder stands for the checkpoint in it."""
+def load_checkpoint(path: str | Path, stage: str | None = None) -> dict:
+    """Load onto the CPU (GPU-made checkpoints too) with ``weights_only=True``; a missing, corrupt, unsafe or
+    other-stage file is a UserError. A run's folder stands for the checkpoint in it."""
     path = Path(path)
     if path.is_dir():
         if not (path / "ckpt.pt").is_file():
@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln.upper().split(" ")]
         if unsafe:
@@ -111,15 +111,12 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
     return ckpt
 
 
-def export_weights(ckpt: dict, path: str | Path, key: str = "ema", half: bool = False) -> Path:
+def export_weights(ckpt: dict, path: str | Path, key: str = "ema") -> Path:
     """Keep only provenance and one set of weights (EMA by default): what ``pretrained/mnist.pt`` holds, as
     "model", with "weights" naming the set it came from ("ema", or "model" for a run without an EMA)."""
     key = key if key in ckpt else "model"
-    weights = ckpt[key]
-    if half:
-        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     keep = ("stage", "config", "seed", "step", "git_hash", "torch_version", "cpu", "created")
-    return save_checkpoint({**{k: ckpt[k] for k in keep if k in ckpt}, "model": weights, "weights": key}, path)
+    return save_checkpoint({**{k: ckpt[k] for k in keep if k in ckpt}, "model": ckpt[key], "weights": key}, path)
 
 
 def load_error(err: Exception) -> str:

@@ -156,7 +156,7 @@ def _already_batched(batch):
     return batch
 
 
-def make_loader(dataset: TensorImages, batch_size: int, seed: int = 0, shuffle: bool = True) -> DataLoader:
+def make_loader(dataset: TensorImages, batch_size: int, seed: int = 0) -> DataLoader:
     """A DataLoader whose order is a pure function of ``(seed, epoch)``.
 
     It always uses a ``DistributedSampler``: under DDP each rank reads its own shard; on one process it is
@@ -168,7 +168,7 @@ def make_loader(dataset: TensorImages, batch_size: int, seed: int = 0, shuffle: 
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     if len(dataset) < batch_size * world:
         raise UserError(f"dataset has {len(dataset)} images, fewer than one batch of {batch_size} per rank")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
     # A private generator: otherwise each new iterator draws a seed from the global RNG, and a resumed run
     # (whose iterator starts at another moment) would drift from the uninterrupted one.

@@ -49,27 +49,23 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(records: list[dict], path: str | Path, keys: list[str] | None = None,
-                title: str = "", logy: bool = False) -> Path | None:
+def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path | None:
     """One panel per scalar in ``records`` (dicts with a ``step``), e.g. the rows of ``metrics.jsonl``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if keys is None:
-        keys = sorted({k for r in records for k, v in r.items()
-                       if k not in ("step", "time") and isinstance(v, (int, float))})
+    keys = sorted({k for r in records for k, v in r.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float))})
     if not records or not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = np.array([(r["step"], r[key]) for r in records if key in r], dtype=float).reshape(-1, 2)
-        ax.plot(points[:, 0], points[:, 1], lw=1)
+        ax.plot(points[:, 0], points[:, 1], lw=1, marker="o" if len(points) < 3 else None, ms=3)  # 1 point: a dot
         ax.set_xlabel("step")
         ax.set_title(key)
-        if logy and (points[:, 1] > 0).all():
-            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("check", choices=["same-training"])
     parser.add_argument("ckpts", nargs=2, type=Path)
     args = parser.parse_args(argv)
-    a, b = (load_checkpoint(p, map_location="cpu") for p in args.ckpts)  # also GPU-made ones
+    a, b = (load_checkpoint(p) for p in args.ckpts)
     if a["stage"] != b["stage"]:
         raise UserError(f"{args.ckpts[0]} is a checkpoint of {a['stage']}, {args.ckpts[1]} of {b['stage']}")
     differ = same_training(a, b)

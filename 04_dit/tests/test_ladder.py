@@ -18,16 +18,14 @@ def test_rungs_accumulate_one_switch_at_a_time():
 
 
 def test_ladder_runs_end_to_end(tmp_path, monkeypatch):
-    import shared.metrics
-
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     seen = []
 
-    def fake_evaluate(images, labels=None):  # the real metric needs the shared classifier's weights
+    def fake_evaluate(images, labels=None):  # the real metric would take minutes
         seen.append(images.shape)
         return {"fid": float(images.float().mean()), "fid_floor": 1.0, "label_accuracy": 0.1}
 
-    monkeypatch.setattr(shared.metrics, "evaluate", fake_evaluate)
+    monkeypatch.setattr(ladder, "evaluate", fake_evaluate)
     rows = ladder.main(["--preset", "smoke", "--eval-at", "2", "4", "--num-samples", "10", "--sample-steps", "2",
                         "--rungs", "1", "--device", "cpu"])
     assert [(r["rung"], r["step"]) for r in rows] == [(ladder.RUNGS[0][0], 2), (ladder.RUNGS[0][0], 4)]
@@ -50,10 +48,8 @@ def test_stopped_ladder_keeps_its_rows_stops_and_resumes(tmp_path, monkeypatch, 
     import dataclasses
     import json
 
-    import shared.metrics
-
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
-    monkeypatch.setattr(shared.metrics, "evaluate", lambda images, labels=None: {
+    monkeypatch.setattr(ladder, "evaluate", lambda images, labels=None: {
         "fid": float(images.float().mean()), "fid_floor": 1.0, "label_accuracy": 0.1})
     real = ladder.train_main
     # rung 0 stops at step 3 on its way to 4, as a Ctrl-C makes it: checkpoint saved, train_main returns

@@ -87,4 +87,4 @@ def test_sample_scripts_samplers_on_meta(model):
     noise = torch.empty(3, 1, 28, model.dit.cfg.width_px, device=META)
     prompts = ["a thick seven", "a 3 to the left of a small eight", "a one"]
     assert on_meta(generate(model.eval(), TOK, prompts, noise, 3.0, 2, batch_size=2, interval=(0.0, 0.5)))
-    assert on_meta(interpolate_prompts(model, TOK, "a one", "a seven", noise, 3.0, 2))
+    assert on_meta(interpolate_prompts(model, TOK, "a one", "a seven", noise, 3.0, 2, batch_size=2))

@@ -122,8 +122,10 @@ def test_interpolation_ends_are_the_two_prompts():
     noise = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)).expand(5, -1, -1, -1)
     a, b = "an 8", "a thick slanted seven, drawn small"
     for scale, interval in ((3.0, (0.0, 1.0)), (1.0, (0.0, 1.0)), (4.0, (0.5, 1.0))):
-        walk = interpolate_prompts(model, TOK, a, b, noise, scale, steps=3, interval=interval)
+        walk = interpolate_prompts(model, TOK, a, b, noise, scale, steps=3, batch_size=8, interval=interval)
         ends = generate(model, TOK, [a, b], noise[:2], scale, 3, 8, interval)
+        in_batches = interpolate_prompts(model, TOK, a, b, noise, scale, steps=3, batch_size=2, interval=interval)
+        assert torch.allclose(in_batches, walk, atol=1e-5)  # batches of 2, 2, 1 walk the same w's
         assert torch.allclose(walk[0], ends[0], atol=1e-5) and torch.allclose(walk[-1], ends[1], atol=1e-5)
         assert not torch.allclose(ends[0], ends[1], atol=1e-3)
         steps_along = (walk[1:] - walk[:-1]).flatten(1).norm(dim=1)

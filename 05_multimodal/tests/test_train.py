@@ -111,7 +111,7 @@ def test_clip_loss_falls_and_zero_shot_beats_chance():
     cfg = train.TrainConfig(clip_size="tiny", dit_size="tiny")
     model = train.build(cfg, tok)
     images, labels = load_images("synthetic")
-    x, ids, _ = train.make_batch(images[:64], labels[:64], tok, p_small=0.0)
+    x, ids = train.make_batch(images[:64], labels[:64], tok, p_small=0.0)
     opt = torch.optim.AdamW(model.clip.parameters(), lr=3e-3)
     losses = []
     for _ in range(120):
@@ -131,7 +131,7 @@ def test_flow_loss_falls(two_digit, width, steps):
     tok = Tokenizer()
     model = train.build(train.TrainConfig(clip_size="tiny", dit_size="tiny", two_digit=two_digit), tok)
     images, labels = load_images("synthetic")
-    x, ids, _ = train.make_batch(images[:32], labels[:32], tok, p_small=0.0, two_digit=two_digit)
+    x, ids = train.make_batch(images[:32], labels[:32], tok, p_small=0.0, two_digit=two_digit)
     assert x.shape == (32, 1, 28, width)
     cond = model.condition(ids)
     opt = torch.optim.AdamW(model.dit.parameters(), lr=2e-3)
