@@ -155,6 +155,8 @@ def test_logit_normal_t():
     u = sample_t(20000, False, "cpu")
     assert abs(u.std() - (1 / 12) ** 0.5) < 0.01  # uniform's std is wider than the logit-normal's
     assert t.std() < u.std() - 0.05
+    shifted = torch.logit(sample_t(20000, True, "cpu", mean=1.0, std=0.5))  # Eq. (9)'s two knobs
+    assert abs(shifted.mean() - 1) < 0.02 and abs(shifted.std() - 0.5) < 0.02
 
 
 def test_rf_loss_terms_match_a_brute_force_per_sample_computation():

@@ -7,13 +7,16 @@ from model import (
     SIZES,
     Attention,
     DiT,
+    DiTBlock,
     DiTConfig,
+    SwiGLU,
     apply_rope,
     count_params,
     dit_config,
     drop_labels,
     explicit_attention,
     forward_gflops,
+    modulate,
     patchify,
     rope_2d_angles,
     sincos_pos_embed_2d,
@@ -59,6 +62,33 @@ def test_adaln_zero_blocks_are_identity_at_init():
     assert torch.equal(out, torch.zeros_like(out))  # zero-initialised final layer
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_dit_block_is_eq_a2_written_out(swiglu):
+    """Eq. (A2) with six distinct modulation vectors: which chunk is shift, scale or gate, and which pair goes to
+    which sublayer (the zero-init test cannot tell, as every gate is 0 there)."""
+    cfg = DiTConfig(hidden_size=8, depth=1, num_heads=2, swiglu=swiglu)
+    block = randomize(DiTBlock(cfg))
+    with torch.no_grad():
+        block.adaLN_modulation[-1].weight.zero_()  # the modulation is then its bias, the same for every c
+    beta1, gamma1, alpha1, beta2, gamma2, alpha2 = block.adaLN_modulation[-1].bias.detach().view(6, 1, 1, 8)
+    x, c = torch.randn(2, 5, 8), torch.randn(2, 8)
+    x1 = x + alpha1 * block.attn(block.norm1(x) * (1 + gamma1) + beta1)
+    x2 = x1 + alpha2 * block.mlp(block.norm2(x1) * (1 + gamma2) + beta2)
+    assert torch.allclose(block(x, c), x2, atol=1e-6)
+    shift, scale = torch.randn(2, 8), torch.randn(2, 8)
+    assert torch.allclose(modulate(x, shift, scale), x * (1 + scale[:, None]) + shift[:, None])
+
+
+def test_swiglu_is_w2_of_silu_a_times_b_at_two_thirds_width():
+    torch.manual_seed(0)
+    m = SwiGLU(8, 12)
+    assert m.w2.in_features == 8 and m.w13.out_features == 2 * 8  # hidden int(2/3 * 12) = 8
+    x = torch.randn(2, 3, 8)
+    a, b = m.w13(x).chunk(2, dim=-1)
+    assert torch.allclose(m(x), m.w2(F.silu(a) * b), atol=1e-6)
+    assert not torch.allclose(m(x), m.w2(F.silu(a * b)), atol=1e-3)
+
+
 def test_sdpa_equals_explicit_attention():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 49, 16).unbind(0)
@@ -99,6 +129,35 @@ def test_rope_scores_depend_only_on_relative_offset():
     assert torch.equal(by_cell[:1, :, hd // 4:].expand(grid, grid, hd // 4), by_cell[..., hd // 4:])  # columns
     # rotation keeps norms
     assert torch.allclose(apply_rope(q, angles).norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+
+
+def test_rope_frequencies_are_base_100_per_axis():
+    """The README's argument is about the frequencies: an axis of a head of width hd gets hd/4 of them,
+    100^(-i/(hd/4)); the cell one row down turns the row half by them, one column right the column half."""
+    hd, grid = 16, 7
+    angles = rope_2d_angles(hd, grid).view(grid, grid, hd // 2)
+    freqs = 100.0 ** (-torch.arange(4.0) / 4)
+    assert torch.allclose(angles[1, 0], torch.cat([freqs, torch.zeros(4)]))
+    assert torch.allclose(angles[0, 1], torch.cat([torch.zeros(4), freqs]))
+    assert torch.allclose(angles[3, 5], torch.cat([3 * freqs, 5 * freqs]))
+
+
+def test_attention_rotates_both_queries_and_keys():
+    """Inside Attention: the same token at every position gives attention weights that depend only on the grid
+    offset (rotating q alone would make them depend on where the query is)."""
+    grid = 4
+    attn = randomize(Attention(16, 2), seed=1)
+    x = torch.randn(16).expand(1, grid * grid, 16)
+    weights = attn.attention_map(x, rope_2d_angles(8, grid))[0, 0].detach()  # (T, T)
+    logits = weights.log()  # a row's scores up to that row's constant, which s_ij - s_ii cancels
+    by_offset = {}
+    for i in range(grid * grid):
+        for j in range(grid * grid):
+            by_offset.setdefault((i // grid - j // grid, i % grid - j % grid), []).append(logits[i, j] - logits[i, i])
+    for values in by_offset.values():
+        assert torch.allclose(torch.stack(values), values[0], atol=1e-4)
+    # and they do depend on the offset (with only q rotated, every key of a row would score the same)
+    assert len({round(float(v[0]), 3) for v in by_offset.values()}) > 10
 
 
 def test_label_dropout_is_per_sample():

@@ -51,6 +51,13 @@ def test_autoencoder_shapes_28_to_7x7x4_and_back():
     assert foundation_features(clf, x).shape == (3, 64, 7, 7)
 
 
+def test_foundation_features_read_the_image_in_the_classifiers_range():
+    """F of Eq. (17): the classifier's third block on x in [0, 1], though the autoencoder's x is in [-1, 1]."""
+    clf = load_classifier()
+    u = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(foundation_features(clf, 2 * u - 1), clf.body[:3](u), atol=1e-6)
+
+
 def test_reparameterize_draws_from_n_mu_sigma_squared_with_sigma_from_logvar():
     """Eq. (14): z = mu + exp(logvar / 2) eps. With mu = 0.3 and logvar = log 0.25 (sigma = 0.5), 200,000 draws
     have mean 0.3 and std 0.5 (standard errors ~0.001 and ~0.0008); the variance used as the std (0.25) or the

@@ -137,6 +137,11 @@ def test_mmdit_shapes_zero_init_and_named_sizes():
     z = torch.randn(2, 1, 28, 28)
     out = model(z, torch.rand(2), torch.randn(2, 16, 32), torch.ones(2, 16, dtype=torch.bool), torch.randn(2, 32))
     assert out.shape == z.shape and out.abs().max() == 0  # adaLN-Zero and a zero final layer
+    h_txt, h_img, c = torch.randn(2, 16, 32), torch.randn(2, 16, 32), torch.randn(2, 32)
+    keep = torch.ones(2, 32, dtype=torch.bool)
+    for block in model.blocks:  # every fresh block passes both streams through unchanged (zero gates)
+        out_txt, out_img = block(h_txt, h_img, c, keep)
+        assert torch.equal(out_txt, h_txt) and torch.equal(out_img, h_img)
     wide = MMDiT(MMDiTConfig(**MMDIT_SIZES["tiny"], text_width=32, width_px=56))
     assert wide.unpatchify(torch.randn(1, 7 * 14, 16)).shape == (1, 1, 28, 56)
     counts = {name: count_params(MMDiT(MMDiTConfig(**size))) for name, size in MMDIT_SIZES.items()}
@@ -189,6 +194,8 @@ def test_straight_path_and_exact_velocity_sampler():
     t = torch.rand(3)
     exact = lambda z, t, cond: eps - x0  # noqa: E731  the target velocity is constant along the straight path
     assert rectified_flow_loss(exact, x0, None, t, eps).item() == 0
+    # a field that needs t: on the straight path (z_t - x0) / t is eps - x0 again, if the loss passes t itself
+    assert rectified_flow_loss(lambda z, t, cond: (z - x0) / t.view(-1, 1, 1, 1), x0, None, t, eps).item() < 1e-10
     # the velocity toward a single data point x0: v(z, t) = (z - x0) / t; every Euler step stays on the straight
     # line from eps to x0 (the last step alone would land on x0 from anywhere, so the whole path is checked)
     toward = lambda z, t, cond: (z - cond[0]) / t.view(-1, 1, 1, 1)  # noqa: E731

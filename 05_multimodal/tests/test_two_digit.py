@@ -66,6 +66,8 @@ def test_scorer_counts_a_swapped_pair_as_wrong():
     asked = torch.tensor([[3, 8], [3, 8], [3, 8], [3, 8]])
     s = two_digit_scores(pred, asked)
     assert s == {"both_in_order": 0.25, "left_accuracy": 0.5, "right_accuracy": 0.25, "swapped": 0.25, "doubled": 0.25}
+    # "doubled" is one of the asked digits twice: 5 twice, for 3 and 8, is not
+    assert two_digit_scores(torch.tensor([[5, 5], [8, 8]]), torch.tensor([[3, 8], [3, 8]]))["doubled"] == 0.5
     # on real digits through the shared classifier: "3 left of 8" is right, the same canvas asked as "8 left of 3"
     images, labels = load_images("mnist", train=False)
     threes, eights = images[labels == 3][1:11], images[labels == 8][1:11]  # (the classifier reads the first 3 as 5)

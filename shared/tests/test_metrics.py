@@ -64,6 +64,14 @@ def blur(images, sigma):
 # Fréchet distance: closed forms and identities
 # --------------------------------------------------------------------------------------------------------
 
+def test_gaussian_stats_are_the_mean_and_unbiased_covariance():
+    """The cached reference statistics were made with the unbiased (N - 1) covariance; every FID must use it."""
+    mu, sigma = gaussian_stats(torch.tensor([[0.0], [2.0]]))
+    assert mu.tolist() == [1.0] and sigma.tolist() == 2.0  # (1 + 1) / (2 - 1), not / 2
+    f = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(gaussian_stats(f)[1], np.cov(f.double().numpy().T, ddof=1))
+
+
 def test_frechet_1d_and_diagonal_closed_form():
     # 1-D: W2^2 = (m1 - m2)^2 + (s1 - s2)^2
     assert frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9.0 + 1.0, rel=1e-10)
@@ -335,6 +343,9 @@ def test_parzen_matches_mixture_density():
     assert sigma == 0.3
     assert ll == pytest.approx(exact.mean().item(), abs=1e-4)
     assert se == pytest.approx(exact.std().item() / np.sqrt(20), rel=1e-3)
+    # uint8 images are read as pixels in [0, 1], the same as the floats k / 255
+    u8 = [torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8) for n in (30, 10, 10)]
+    assert parzen_log_likelihood(*u8) == parzen_log_likelihood(*(x.float() / 255 for x in u8))
 
 
 def test_parzen_sigma_chosen_on_validation_ll_reported_on_test():
