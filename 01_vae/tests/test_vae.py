@@ -330,6 +330,52 @@ def test_binarize_draws_bernoulli_pixels_with_the_grey_level_as_probability():
     assert not torch.equal(b, binarize(grey, torch.Generator().manual_seed(1)))  # a fresh draw each time
 
 
+def test_training_loop_minimizes_minus_the_beta_weighted_elbo_and_the_elbo_rises(tmp_path, monkeypatch):
+    """Eq. (8) with the --beta extension: the step's loss is -(mean reconstruction - beta mean KL) over the
+    minibatch, a per-datapoint mean (a sum would scale the step by B), and training raises the ELBO."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train.main(smoke_cfg(beta=4.0, log_every=1, sample_every=0, ckpt_every=0, run_name="beta4"))
+    rows = [r for r in map(json.loads, (tmp_path / "01_vae" / "beta4" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+    assert len(rows) == 60
+    for r in rows:
+        assert r["loss"] == pytest.approx(-(r["rec"] - 4.0 * r["kl"]), rel=1e-5), r
+    assert np.mean([r["elbo"] for r in rows[-5:]]) > np.mean([r["elbo"] for r in rows[:5]]) + 20
+
+
+def test_init_std_redraws_the_weights_the_run_starts_from(tmp_path, monkeypatch):
+    """The paper preset's N(0, 0.01) initialization reaches the trained model (a step at lr 1e-9 barely moves it)."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train.main(smoke_cfg(init_std=0.01, optimizer="adagrad", lr=1e-9, steps=1, sample_every=0, ckpt_every=0,
+                         run_name="init"))
+    weights = torch.load(tmp_path / "01_vae" / "init" / "ckpt.pt", weights_only=True)["model"]
+    big = [w for w in weights.values() if w.numel() >= 1000]
+    assert big and all(abs(w.std().item() - 0.01) < 0.0005 for w in big)
+
+
+def test_training_and_test_images_are_binarized_fresh_and_once(tmp_path, monkeypatch):
+    """Grey images (level 64) show both: every training batch is a new Bernoulli draw with that probability, and
+    the test set is drawn once, with its fixed seed, the same at every call."""
+    grey = torch.full((256, 1, 28, 28), 64, dtype=torch.uint8)
+    monkeypatch.setattr(train, "load_images", lambda dataset, train=True: (grey, torch.zeros(256, dtype=torch.long)))
+    seen, real_elbo = [], train.elbo
+
+    def spy(model, x, *args, **kwargs):
+        seen.append(x.clone())
+        return real_elbo(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(train, "elbo", spy)
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train.main(smoke_cfg(steps=2, sample_every=0, ckpt_every=0, eval_examples=64, run_name="grey"))
+    batches = seen[:2]  # the two training steps (the final evaluation calls elbo too)
+    for x in batches:
+        assert set(x.unique().tolist()) == {0.0, 1.0} and abs(x.mean().item() - 64 / 255) < 0.02
+    assert not torch.equal(batches[0], batches[1])
+    test_a, test_b = train.binarized_test_set("mnist", 100)[0], train.binarized_test_set("mnist", 100)[0]
+    assert torch.equal(test_a, test_b)
+    assert torch.equal(test_a, binarize(grey[:100], torch.Generator().manual_seed(train.TEST_SEED)))
+
+
 def test_resume_is_bit_identical(tmp_path):
     cfg = smoke_cfg(steps=12, sample_every=4, ckpt_every=3, log_every=2)
     straight, resumed = run_interrupted_and_straight(train.main, cfg, stop_at=7, experiments=tmp_path)

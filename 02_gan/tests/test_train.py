@@ -134,6 +134,33 @@ def test_simultaneous_step_moves_both_players_from_the_same_point():
             torch.testing.assert_close(p, p0 - 0.1 * g, rtol=0, atol=1e-6)
 
 
+def test_simultaneous_step_is_one_pass_of_d_and_generator_step_keeps_d_in_train_mode():
+    """One forward of D over [x; G(z)] (one dropout mask for both players' losses); in the alternating G step
+    D is frozen but stays in train mode (dropout on), as in the released code."""
+    torch.manual_seed(0)
+    gan_cfg = model_config("mlp", "tiny")  # dropout on
+    G, D = build_gan(gan_cfg)
+    cfg = TrainConfig(arch="mlp", size="tiny", optimizer="sgd", lr=0.1, momentum=0.0)
+    opt_g, opt_d = make_optimizer(G.parameters(), cfg), make_optimizer(D.parameters(), cfg)
+    passes = []
+    D.register_forward_hook(lambda module, inputs, output: passes.append((len(inputs[0]), module.training)))
+    simultaneous_step(G, D, opt_g, opt_d, torch.rand(8, 1, 28, 28), gan_cfg, "nonsaturating", scale=0.5)
+    assert passes == [(16, True)]
+    passes.clear()
+    generator_step(G, D, opt_g, 8, gan_cfg, "nonsaturating", "cpu")
+    assert passes == [(8, True)]
+
+
+def test_paper_sgd_schedule_starts_at_the_configured_lr_and_momentum(tmp_path, monkeypatch):
+    """The first D update uses lr 0.1 and momentum 0.5 themselves: the schedule is read at step - 1."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    main(smoke(run_name="sgd", optimizer="sgd", lr=0.1, momentum=0.5, steps=1, sample_every=0, ckpt_every=0))
+    ckpt = torch.load(tmp_path / STAGE / "sgd" / "ckpt.pt", weights_only=True)
+    for name in ("opt_d", "opt_g"):
+        group = ckpt[name]["param_groups"][0]
+        assert (group["lr"], group["momentum"]) == (0.1, 0.5), name
+
+
 def test_simultaneous_update_refuses_k_above_one_and_batch_norm(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     with pytest.raises(UserError, match="--k 2 needs --update alternating"):
@@ -223,16 +250,18 @@ def test_logged_d_loss_is_minus_v_averaged_over_the_k_discriminator_steps(tmp_pa
     import train
 
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
-    calls = []
+    calls, scales = [], []
 
-    def recorded(*args):
-        calls.append({key: value.item() for key, value in discriminator_step(*args).items()})
+    def recorded(*args, **kwargs):
+        scales.append(args[6] if len(args) > 6 else kwargs.get("scale", 1.0))
+        calls.append({key: value.item() for key, value in discriminator_step(*args, **kwargs).items()})
         return dict(calls[-1])
 
     monkeypatch.setattr(train, "discriminator_step", recorded)
     main(smoke(run_name="k3", steps=1, k=3, d_loss_scale=0.5, log_every=1, sample_every=0, ckpt_every=0))
     row = json.loads((tmp_path / STAGE / "k3" / "metrics.jsonl").read_text().splitlines()[0])
     assert len(calls) == 3 and len({c["d_loss"] for c in calls}) == 3
+    assert scales == [0.5] * 3  # --d-loss-scale reaches every D step
     for key in ("d_loss", "d_real", "d_fake"):
         assert row[key] == pytest.approx(sum(c[key] for c in calls) / 3, rel=1e-6), key
     # the first D step sees the untrained pair, whose -V does not depend on the scale of D's step

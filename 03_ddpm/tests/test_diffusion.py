@@ -100,6 +100,20 @@ def test_perfect_eps_predictor_has_zero_l_simple(diffusion):
     assert diffusion.loss_simple(lambda xt, t: torch.zeros_like(xt), x0).item() == pytest.approx(1.0, abs=0.1)
 
 
+def test_l_simple_draws_t_uniformly_from_1_to_T():
+    """Algorithm 1's t ~ U{1, ..., T}: every step, t = T included and t = 0 (no noise) never."""
+    d, seen = Diffusion(T=5), []
+
+    def spy(xt, t):
+        seen.append(t)
+        return torch.zeros_like(xt)
+
+    torch.manual_seed(0)
+    d.loss_simple(spy, torch.zeros(20000, 1, 1, 1))
+    counts = torch.bincount(seen[0], minlength=6)
+    assert counts[0] == 0 and (counts[1:] - 4000).abs().max() < 4 * 3200 ** 0.5, counts  # binomial sd sqrt(3200)
+
+
 def test_eq_11_is_the_posterior_mean_of_the_predicted_x0(diffusion):
     xt, t = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([2, 40, 900])
     eps_theta = lambda x, t: torch.tanh(x) * 0.5 + 0.01 * t.double()[:, None, None, None]  # noqa: E731
@@ -155,7 +169,8 @@ def _record_randn(monkeypatch):
     return draws
 
 
-def test_ddim_eta_1_on_a_sub_sequence_adds_song_eq_16_noise_and_none_at_the_last_step(monkeypatch):
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_on_a_sub_sequence_adds_eta_times_song_eq_16_noise_and_none_at_the_last_step(monkeypatch, eta):
     """S = 10 of T = 1000, eta = 1: each step t -> s (the next smaller step of tau, 0 after tau_1 = 1) is
     x_s = mean + sigma z with z the sampler's own draw, replayed, mean = sqrt(ab_s) x_hat_0 + sqrt(1 - ab_s - sigma^2)
     eps (Song et al. Eq. 12, eps the one consistent with the clipped x_hat_0) and sigma^2 = (1 - ab_s)/(1 - ab_t)
@@ -166,7 +181,7 @@ def test_ddim_eta_1_on_a_sub_sequence_adds_song_eq_16_noise_and_none_at_the_last
     eps_theta = _some_eps_theta(d)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     draws, trace = _record_randn(monkeypatch), []
-    x0 = d.sample_ddim(eps_theta, shape, S=S, eta=1.0, x_T=x_T, trace=trace,
+    x0 = d.sample_ddim(eps_theta, shape, S=S, eta=eta, x_T=x_T, trace=trace,
                        generator=torch.Generator().manual_seed(1))
     taus = [1, 112, 223, 334, 445, 556, 667, 778, 889, 1000]
     assert [t for t, _, _ in trace] == [*reversed(taus), 0] and len(draws) >= S - 1
@@ -178,7 +193,7 @@ def test_ddim_eta_1_on_a_sub_sequence_adds_song_eq_16_noise_and_none_at_the_last
         eps = eps_theta(x_t, torch.full((2,), t))
         x0_hat = ((x_t - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)).clamp(-1, 1)
         eps = (x_t - math.sqrt(ab_t) * x0_hat) / math.sqrt(1 - ab_t)
-        sigma = math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))  # Eq. (16), eta = 1
+        sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))  # Eq. (16) times eta
         mean = math.sqrt(ab_s) * x0_hat + math.sqrt(1 - ab_s - sigma ** 2) * eps  # Eq. (12)
         if s == 0:  # ab_0 = 1: sigma = 0 and the last step returns x_hat_0 itself
             assert sigma == 0 and torch.equal(x0, trace[i][2]), (x0 - trace[i][2]).abs().max()
@@ -186,8 +201,8 @@ def test_ddim_eta_1_on_a_sub_sequence_adds_song_eq_16_noise_and_none_at_the_last
             continue
         sigmas.append(sigma)
         torch.testing.assert_close(x_s - mean, sigma * draws[i].double(), atol=1e-5, rtol=0, msg=f"{t} -> {s}")
-    assert sigmas[0] == pytest.approx(0.938, abs=1e-3)  # t = 1000 -> s = 889
-    assert min(sigmas) > 500 * 1e-5  # 112 -> 1 is the quietest (0.0100): still ~1000 times the tolerance
+    assert sigmas[0] == pytest.approx(0.938 * eta, abs=1e-3)  # t = 1000 -> s = 889
+    assert min(sigmas) > 250 * 1e-5  # 112 -> 1 is the quietest (0.0100 eta): still ~500 times the tolerance
 
 
 @pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
@@ -283,6 +298,21 @@ def test_ddim_inversion_then_decoding_reconstructs_x0(diffusion):
         x0_rec = diffusion.sample_ddim(eps_theta, x0.shape, S=S, eta=0.0, clip=False, x_T=x_T)
         errors.append((x0_rec - x0).abs().max().item())
     assert errors[1] < 0.02 and errors[1] < 0.5 * errors[0], errors
+
+
+def test_ddim_inversion_is_the_eta_0_update_run_forwards():
+    """Written out on T = S = 10: x_s = sqrt(ab_s) x_hat_0 + sqrt(1 - ab_s) eps_theta(x_t, max(t, 1)), from
+    x_hat_0 = x_0 itself on the first step (t = 0, where there is no noise to remove) and Eq. (4) solved for x_0
+    after it."""
+    d = Diffusion(T=10)
+    eps_theta = _some_eps_theta(d)
+    x0 = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    ab, x = d.alpha_bar.tolist(), x0
+    for t in range(10):
+        eps = eps_theta(x, torch.full((3,), max(t, 1)))
+        x0_hat = x0 if t == 0 else (x - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])
+        x = math.sqrt(ab[t + 1]) * x0_hat + math.sqrt(1 - ab[t + 1]) * eps
+    torch.testing.assert_close(d.ddim_invert(eps_theta, x0, S=10), x, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mean1, logvar1, mean2, logvar2", [
@@ -394,3 +424,26 @@ def test_bits_per_dim_of_a_perfect_predictor_is_the_closed_form_bound(sigma, see
     assert (L_T / (L_T + L_mid + L_0) > 1e-3).all()  # every term weighs enough for the tolerance to see it
     if sigma == "beta":
         assert (L_mid / (L_T + L_mid + L_0) > 1e-3).all()
+
+
+def test_bits_per_dim_scores_the_unclipped_mean():
+    """The bound is a statement about the model p_theta of Eq. (11), so x_hat_0 is not clipped there (sampling
+    clips it). With eps_theta = 0, Eq. (11) is mu_theta = x_t / sqrt(alpha_t), often far outside [-1, 1]; the
+    terms are written out here with the sampler's own draws, replayed from the same generator."""
+    T, seed = 10, 3
+    d = Diffusion(T=T)
+    zero = lambda xt, t: torch.zeros_like(xt)  # noqa: E731
+    x0 = torch.linspace(-1, 1, 32).view(1, 1, 4, 8)
+    bpd = d.bits_per_dim(zero, x0, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    ab, alpha, beta = d.alpha_bar, d.alpha, d.beta
+    L_T = normal_kl(ab[T].sqrt() * x0, (1 - ab[T]).log(), torch.zeros_like(x0), 0.0).sum()
+    total = L_T
+    for t in range(2, T + 1):
+        xt = ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * torch.randn(x0.shape, generator=g)
+        mu_tilde = (ab[t - 1].sqrt() * beta[t] * x0 + alpha[t].sqrt() * (1 - ab[t - 1]) * xt) / (1 - ab[t])  # Eq. 7
+        beta_tilde = (1 - ab[t - 1]) / (1 - ab[t]) * beta[t]
+        total = total + normal_kl(mu_tilde, beta_tilde.log(), xt / alpha[t].sqrt(), beta[t].log()).sum()
+    x1 = ab[1].sqrt() * x0 + (1 - ab[1]).sqrt() * torch.randn(x0.shape, generator=g)
+    total = total - discretized_gaussian_log_likelihood(x0, x1 / alpha[1].sqrt(), beta[1].log().item()).sum()
+    torch.testing.assert_close(bpd.double(), (total / (32 * math.log(2))).double().view(1), rtol=1e-5, atol=0)

@@ -73,6 +73,32 @@ def test_update_ema_is_theta_ema_decay_plus_theta_one_minus_decay():
             assert (p == 1).all()  # the model itself is left alone
 
 
+def test_training_loop_feeds_data_in_minus_1_1_and_updates_the_ema_after_each_step(tmp_path, monkeypatch):
+    """The loop around the tested pieces: x_0 scaled to [-1, 1] (the range of Eq. 13's bins and of the clip),
+    the EMA decay min(--ema-decay, (1 + k)/(10 + k)) at step k, and the EMA fed the weights after that step."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    calls, batches = [], []
+    real_update, real_loss = train.update_ema, Diffusion.loss_simple
+
+    def update(ema, model, decay):
+        calls.append((decay, [p.detach().clone() for p in model.parameters()]))
+        real_update(ema, model, decay)
+
+    def loss(self, eps_theta, x0, *args, **kwargs):
+        batches.append(x0.clone())
+        return real_loss(self, eps_theta, x0, *args, **kwargs)
+
+    monkeypatch.setattr(train, "update_ema", update)
+    monkeypatch.setattr(Diffusion, "loss_simple", loss)
+    train.main(config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **{**TINY, "steps": 6}, ema_decay=0.3,
+                                  run_name="spy"))
+    assert [decay for decay, _ in calls] == [min(0.3, (1 + k) / (10 + k)) for k in range(1, 7)]
+    final = torch.load(tmp_path / "03_ddpm" / "spy" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a, b) for a, b in zip(calls[-1][1], final.values()))  # after the last step, not before
+    x0 = torch.stack(batches)
+    assert x0.dtype == torch.float32 and x0.min() == -1 and x0.max() == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exp")
