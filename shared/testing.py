@@ -200,9 +200,10 @@ def run_interrupted_and_straight(main, cfg, stop_at: int, experiments: Path) -> 
     os.environ["SCRATCHGEN_EXPERIMENTS"] = str(experiments)
     main(dataclasses.replace(cfg, run_name="straight"))
     main(dataclasses.replace(cfg, run_name="resumed", stop_at=stop_at))
-    main(dataclasses.replace(cfg, run_name="resumed", resume="auto"))
     stage = next(experiments.iterdir()).name
     load = lambda name: torch.load(experiments / stage / name / "ckpt.pt", weights_only=True)  # noqa: E731
+    assert load("resumed")["step"] == stop_at, "the first half did not stop where it was told to"
+    main(dataclasses.replace(cfg, run_name="resumed", resume="auto"))
     return load("straight"), load("resumed")
 
 

@@ -78,6 +78,80 @@ def test_sample_writes_valid_npz_with_labels(trained, tmp_path):
     assert np.load(out)["labels"].tolist() == [7, 7, 7]
 
 
+@pytest.mark.parametrize("objective", ["flow", "ddpm"])
+def test_training_step_order_warmup_clip_ema_and_the_loss_it_calls(tmp_path, monkeypatch, objective):
+    """The loop around the tested pieces, step by step: lr = lr min(1, step / warmup), the gradient clipped to
+    --grad-clip, then the optimizer step, then the EMA at min(decay, (1 + step)/(10 + step)); the loss of the
+    chosen objective with its flags; and the run returns the EMA."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    events = []
+    real_step, real_clip, real_ema = torch.optim.AdamW.step, torch.nn.utils.clip_grad_norm_, train.update_ema
+    real_rf, real_ddpm = train.rf_loss, train.ddpm_loss
+
+    def opt_step(self, *args, **kwargs):
+        events.append(("step", self.param_groups[0]["lr"]))
+        return real_step(self, *args, **kwargs)
+
+    def clip(params, max_norm, *args, **kwargs):
+        events.append(("clip", max_norm))
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    def ema(ema_model, model, decay):
+        events.append(("ema", decay))
+        return real_ema(ema_model, model, decay)
+
+    def rf(net, x0, y, logit_normal=True, cos_weight=0.0):
+        events.append(("rf", logit_normal, cos_weight))
+        return real_rf(net, x0, y, logit_normal, cos_weight)
+
+    def ddpm(net, x0, y, alpha_bar):
+        events.append(("ddpm",))
+        return real_ddpm(net, x0, y, alpha_bar)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", opt_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(train, "update_ema", ema)
+    monkeypatch.setattr(train, "rf_loss", rf)
+    monkeypatch.setattr(train, "ddpm_loss", ddpm)
+    cfg = smoke_cfg(run_name=objective, steps=6, warmup=4, grad_clip=0.5, ema_decay=0.3, lr=1e-3, sample_every=0,
+                    ckpt_every=0, objective=objective, logit_normal=False, cos_weight=0.0)
+    returned = train.main(cfg)
+    loss = ("rf", False, 0.0) if objective == "flow" else ("ddpm",)
+    want = [e for s in range(1, 7) for e in (loss, ("clip", 0.5), ("step", 1e-3 * min(1.0, s / 4)),
+                                              ("ema", min(0.3, (1 + s) / (10 + s))))]
+    assert events == want
+    ckpt = torch.load(tmp_path / "04_dit" / objective / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in returned.state_dict().items())
+    assert tuple(ckpt["optimizer"]["param_groups"][0]["betas"]) == (0.9, cfg.beta2)
+
+
+def test_sample_passes_its_flags_to_the_sampler_and_loads_the_ema(trained, tmp_path, monkeypatch):
+    """What sample.py hands the sampler (the spy returns the noise): the EMA weights, --sampler, --steps,
+    --cfg-scale, --cfg-interval, the labels it writes to the .npz, and noise fixed by --seed."""
+    ckpt = torch.load(trained, weights_only=True)
+    model = sample.load_model(trained, "cpu")[0]
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["ema"])  # so this tells them apart
+    calls = []
+
+    def spy(model, noise, y, objective, sampler, steps, cfg_scale, null_class, interval, generator=None, clip=True):
+        calls.append(dict(noise=noise, y=y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, interval=interval))
+        return noise.clamp(-1, 1)
+
+    monkeypatch.setattr(sample, "sample", spy)
+    flags = ["--ckpt", str(trained), "--num-samples", "20", "--batch-size", "7", "--steps", "3", "--cfg-scale",
+             "3.5", "--sampler", "euler", "--cfg-interval", "0.2", "0.8", "--device", "cpu"]
+    sample.main([*flags, "--out", str(tmp_path / "a.npz")])
+    assert [len(c["y"]) for c in calls] == [7, 7, 6]
+    assert all((c["sampler"], c["steps"], c["cfg_scale"], c["interval"]) == ("euler", 3, 3.5, (0.2, 0.8))
+               for c in calls)
+    assert torch.cat([c["y"] for c in calls]).tolist() == np.load(tmp_path / "a.npz")["labels"].tolist()
+    first = torch.cat([c["noise"] for c in calls])
+    calls.clear()
+    sample.main([*flags, "--out", str(tmp_path / "b.npz"), "--seed", "1"])
+    assert not torch.equal(torch.cat([c["noise"] for c in calls]), first)
+
+
 def test_cli_errors_exit_2_with_one_line(trained, tmp_path):
     foreign = save_checkpoint({"stage": "01_vae", "config": {}}, tmp_path / "vae.pt")
     for script, *args in [(STAGE_DIR / "train.py", "--batch-size", "-3"),

@@ -132,10 +132,11 @@ def test_attribute_and_digit_adherence_count_the_matches(monkeypatch):
         name, level, _ = ATTRIBUTE_PROMPTS[key]
         assert attribute_levels(hit)[name].item() == level and attribute_levels(miss)[name].item() != level, key
     key_of = {(name, level): key for key, (name, level, _) in ATTRIBUTE_PROMPTS.items()}
-    drawn = []
+    drawn, flags, scored = [], [], []
 
     def fake_generate(model, tok, prompts, noise, *args):
         drawn.append(prompts)
+        flags.append((args[0], args[1], args[3]))  # scale, steps, interval (args[2] is the batch size)
         out = []
         for p in prompts:
             digit, named = parse_prompt(p)
@@ -153,15 +154,22 @@ def test_attribute_and_digit_adherence_count_the_matches(monkeypatch):
         return torch.zeros(len(u8), 128), F.one_hot(read, 10).float()
 
     test_x, test_y = load_images("mnist", train=False)
-    monkeypatch.setattr(evaluate_script, "load_images", lambda name, train=True: (test_x[:100], test_y[:100]))
+    def test_split(name, train=True):
+        assert not train  # zero-shot, retrieval and the real-image CLIP score read the test split
+        return test_x[:100], test_y[:100]
+
+    monkeypatch.setattr(evaluate_script, "load_images", test_split)
     monkeypatch.setattr(evaluate_script, "generate", fake_generate)
     monkeypatch.setattr(shared.classifier, "load_classifier", lambda device="cpu": object())
     monkeypatch.setattr(shared.classifier, "predict", fake_predict)
-    monkeypatch.setattr(shared.metrics, "evaluate", lambda images, labels: dict.fromkeys(
+    monkeypatch.setattr(shared.metrics, "evaluate", lambda images, labels: scored.append(list(labels)) or dict.fromkeys(
         ("fid", "fid_floor", "precision", "recall", "label_accuracy"), 0.0))
     result = evaluate_script.main(["--ckpt", str(STAGE_DIR / "pretrained" / "mnist.pt"), "--num-samples", "60",
-                                   "--device", "cpu"])
+                                   "--device", "cpu", "--cfg-scale", "4", "--sample-steps", "2", "--cfg-interval",
+                                   "0.1", "0.9"])
     assert len(drawn) == 2 and len(drawn[1]) == 60
+    assert flags == [(4.0, 2, (0.1, 0.9))] * 2  # both prompt sets sampled as asked
+    assert scored == [[parse_prompt(p)[0] for p in drawn[0]]]  # FID's labels are the plain prompts' digits
     scores = result["attribute_prompts"]
     assert scores["attribute_adherence"] == pytest.approx(dict.fromkeys(ATTRIBUTE_PROMPTS, 0.7))
     assert all(m["count"] == 3 and m["median_distance"] > 0 for m in scores["attribute_misses"].values())

@@ -66,16 +66,27 @@ def test_training_drops_captions_on_every_mmdit_step(tmp_path, monkeypatch):
     """The loop calls drop_captions once per MMDiT step with --p-uncond, on the whole batch, and not in the CLIP
     phase (the CLIP learns from real captions only)."""
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
-    calls, drop_captions = [], train.drop_captions
+    calls, dropped, conditioned = [], [], []
+    drop_captions, condition = train.drop_captions, train.TextToImage.condition
 
     def spy(ids, p_uncond, null_ids, generator=None):
         calls.append((len(ids), p_uncond))
-        return drop_captions(ids, p_uncond, null_ids, generator)
+        dropped.append(drop_captions(ids, p_uncond, null_ids, generator))
+        return dropped[-1]
+
+    def condition_spy(self, ids):
+        conditioned.append(ids)
+        return condition(self, ids)
 
     monkeypatch.setattr(train, "drop_captions", spy)
-    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu", p_uncond=0.25)
+    monkeypatch.setattr(train.TextToImage, "condition", condition_spy)
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **TINY, device="cpu", p_uncond=0.25,
+                             sample_every=0)
     train.main(cfg)
     assert calls == [(cfg.batch_size, 0.25)] * (cfg.steps - cfg.clip_steps)
+    # the MMDiT is conditioned on the captions with the dropped ones replaced, not on the originals
+    training = [ids for ids in conditioned if len(ids) == cfg.batch_size][:len(dropped)]
+    assert len(training) == len(dropped) and all(a is b for a, b in zip(training, dropped))
 
 
 def test_mmdit_learning_rate_warms_up_then_stays_or_decays_to_zero():
@@ -255,6 +266,18 @@ def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch, capsys):
     sample_script.main(["--ckpt", ckpt, "--num-samples", "4", "--out", str(out), "--interpolate", "a 1", "a 7"])
     assert np.load(out)["images"].shape == (4, 1, 28, 28)
     assert np.load(out)["labels"].tolist() == [1, 1, 7, 7]  # w = 0, 1/3: A's digit; w = 2/3, 1: B's
+    # the sampler gets the flags asked for, and --seed fixes the noise
+    seen = []
+
+    def spy(model, tok, prompts, noise, scale, steps, batch_size, interval):
+        seen.append((scale, steps, batch_size, interval, noise.clone()))
+        return noise.clamp(-1, 1)
+
+    monkeypatch.setattr(sample_script, "generate", spy)
+    for seed in ("0", "1"):
+        sample_script.main(["--ckpt", ckpt, "--num-samples", "4", "--out", str(out), "--cfg-scale", "4",
+                            "--sample-steps", "3", "--cfg-interval", "0.2", "0.8", "--batch-size", "2", "--seed", seed])
+    assert [s[:4] for s in seen] == [(4.0, 3, 2, (0.2, 0.8))] * 2 and not torch.equal(seen[0][4], seen[1][4])
     with pytest.raises(UserError, match="unknown word 'purple'"):
         sample_script.main(["--ckpt", ckpt, "--prompt", "a purple 7", "--out", str(out)])
     # mistakes in the prompts are found before any sampling, wherever they stand

@@ -102,6 +102,7 @@ def test_export_keeps_one_set_of_weights(tmp_path):
     small = load_checkpoint(path, "00_toy")
     assert "optimizer" not in small
     assert small["cpu"] == ckpt["cpu"] and small["git_hash"] == ckpt["git_hash"]  # provenance travels with it
+    assert small["config"] == ckpt["config"] and small["step"] == ckpt["step"]  # sample.py rebuilds from these
     assert torch.equal(small["model"]["w"], torch.full((3,), 0.5)) and small["weights"] == "ema"  # default
     raw = load_checkpoint(export_weights(ckpt, tmp_path / "raw.pt", key="model"), "00_toy")
     assert torch.equal(raw["model"]["w"], ckpt["model"]["w"]) and raw["weights"] == "model"

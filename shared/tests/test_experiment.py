@@ -117,10 +117,13 @@ def test_a_resumed_run_records_the_folder_it_continues_in(smoke, tmp_path, monke
 
 
 def test_resume_takes_the_checkpoint_config_and_explicit_flags_win(smoke, tmp_path):
-    toy_train.main(dataclasses.replace(smoke, run_name="r", width=24, stop_at=5))
+    toy_train.main(dataclasses.replace(smoke, run_name="r", width=24, stop_at=5, max_minutes=5.0,
+                                       channels_last=True))
     cfg = parse_config(toy_train.TrainConfig, toy_train.PRESETS, "00_toy", ["--resume", "auto", "--run-name", "r",
                                                                           "--steps", "40"])
     assert cfg.width == 24 and cfg.steps == 40 and cfg.stop_at == 0 and cfg.dataset == "synthetic"
+    # what one invocation asked for is not inherited (an inherited --max-minutes would stop every resume early)
+    assert cfg.max_minutes == 0 and cfg.device == "auto" and not cfg.channels_last
 
 
 def test_resuming_at_the_stop_at_step_trains_no_further(smoke, tmp_path, capsys):
@@ -186,6 +189,11 @@ def test_scalars_logged_now_and_then_are_averaged_over_their_own_steps(smoke, tm
             run.log(step, loss=float(step), **({"rare": 10.0} if step == 2 else {}))
     row = json.loads((tmp_path / "00_toy/avg/metrics.jsonl").read_text())
     assert row["loss"] == 2.5 and row["rare"] == 10.0
+    with Run("00_toy", dataclasses.replace(smoke, run_name="avg8", log_every=4, steps=8)) as run:
+        for step in run.steps():
+            run.log(step, loss=float(step), **({"rare": 10.0} if step == 2 else {}))
+    rows = [json.loads(r) for r in (tmp_path / "00_toy/avg8/metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["loss"] == 6.5 and "rare" not in rows[1]  # each window starts afresh
 
 
 def test_non_finite_weights_are_never_saved(smoke, tmp_path):
@@ -388,9 +396,24 @@ def test_max_minutes_counts_minutes(smoke, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     with Run(toy_train.STAGE, dataclasses.replace(smoke, max_minutes=0.5, steps=100)) as run:
+        clock[0] = 1000.0  # setting up (data, model) took long: the budget is for training, counted from here
         for step in run.steps():
-            clock[0] = 10.0 * step
+            clock[0] = 1000.0 + 10.0 * step
     assert run.step == 4 and run.stop_reason == "--max-minutes 0.5"
+
+
+def test_run_entry_exit_codes(capsys):
+    def diverge():
+        raise TrainingDiverged("loss is nan at step 3")
+
+    def mistake():
+        raise UserError("--steps must be at least 1")
+
+    for fn, code, line in ((diverge, 1, "error: training diverged: loss is nan at step 3"),
+                           (mistake, 2, "error: --steps must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            run_entry(fn)
+        assert exit_.value.code == code and capsys.readouterr().err.strip() == line
 
 
 def test_a_run_on_cuda_allows_tf32(smoke, monkeypatch):

@@ -21,6 +21,8 @@ def test_gif_has_one_frame_per_step(tmp_path):
     frames = [torch.full((4, 1, 28, 28), v) for v in (-1.0, 0.0, 1.0)]
     gif = Image.open(save_gif(frames, tmp_path / "t.gif", nrow=2))
     assert gif.n_frames == 3
+    half = Image.open(save_gif([torch.full((1, 1, 4, 4), 0.5)], tmp_path / "u.gif", nrow=1, value_range=(0.0, 1.0)))
+    assert half.convert("L").getpixel((2, 2)) == 128  # 0.5 of the range (0, 1) (one image: no padding)
 
 
 def test_samples_npz_is_uint8_with_labels(tmp_path):
@@ -28,7 +30,10 @@ def test_samples_npz_is_uint8_with_labels(tmp_path):
     path = save_samples_npz(tmp_path / "s.npz", images, torch.arange(5))
     with np.load(path) as f:
         assert f["images"].dtype == np.uint8 and f["images"].shape == (5, 1, 28, 28)
-        assert f["labels"].tolist() == [0, 1, 2, 3, 4]
+        assert f["labels"].tolist() == [0, 1, 2, 3, 4] and f["labels"].dtype == np.int64
+    path = save_samples_npz(tmp_path / "u8.npz", torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1))
+    with np.load(path) as f:  # uint8 images are stored as they are, not mapped from [-1, 1] again
+        assert f["images"].ravel().tolist() == [0, 128, 255] and "labels" not in f
 
 
 def test_loss_curve_is_written(tmp_path):

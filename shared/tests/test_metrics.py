@@ -181,6 +181,32 @@ def test_classifier_training_step_runs_under_the_amp_flag(tmp_path, monkeypatch)
     assert asked == [True] * 3
 
 
+def test_classifier_trains_on_train_50000_only_and_scores_in_eval_mode(tmp_path, monkeypatch):
+    """train[50000:] must stay unseen (Parzen picks its sigma there), and accuracy is measured with dropout off
+    and batch norm on its running statistics, whatever mode the model was left in."""
+    import copy
+
+    import shared.classifier as classifier
+    from shared.cli import config_from_preset
+    from shared.experiment import Run
+
+    seen, real_batches = [], Run.batches
+
+    def batches(self, images, labels, batch_size):
+        seen.append(len(images))
+        return real_batches(self, images, labels, batch_size)
+
+    monkeypatch.setattr(Run, "batches", batches)
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    classifier.main(config_from_preset(classifier.TrainConfig, classifier.PRESETS, "smoke", dataset="mnist", steps=1))
+    assert seen == [50_000]
+    model = MNISTClassifier()  # in train mode, as a fresh module is
+    x, y = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (64,))
+    frozen = copy.deepcopy(model).eval()
+    want = (predict(frozen, x)[1].argmax(1) == y).float().mean().item()
+    assert classifier.accuracy(model, x, y) == want
+
+
 def test_classifier_training_resumes_bit_identically(tmp_path):
     from shared.classifier import PRESETS, TrainConfig, main
     from shared.cli import config_from_preset

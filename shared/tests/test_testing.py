@@ -1,6 +1,16 @@
 import textwrap
 
-from shared.testing import readme_commands, readme_commands_that_fail
+import torch
+
+from shared.testing import (
+    _same,
+    checkpoints_equal,
+    missing_readme_references,
+    readme_commands,
+    readme_commands_that_fail,
+    same_training,
+    without_resume,
+)
 
 SCRIPT = '''
 import argparse
@@ -101,3 +111,29 @@ def test_same_training_cli_exit_codes(tmp_path):
     assert differs.returncode == 1 and "differ in: model" in differs.stdout
     missing = same_training_cli(tmp_path / "a.pt", tmp_path / "gone.pt")  # a mistake, not a verdict
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "gone.pt" in missing.stderr
+
+
+def test_missing_readme_references_names_what_is_not_defined(tmp_path):
+    (tmp_path / "model.py").write_text("class Foo:\n    def bar(self):\n        pass\n\n\nSIZES = {}\n")
+    (tmp_path / "README.md").write_text("`model.py::Foo.bar`, `model.py::SIZES`, `model.py::Foo.gone`, "
+                                        "`model.py::nope`, `other.py::f`")
+    assert missing_readme_references(tmp_path) == ["model.py::Foo.gone", "model.py::nope",
+                                                   "other.py::f (no such file)"]
+
+
+def test_the_checkpoint_comparisons_see_every_difference():
+    a = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}},
+         "rng": {"torch": torch.arange(3)}, "step": 5, "created": "now", "config": {"steps": 5}}
+    assert same_training(a, dict(a)) == [] and checkpoints_equal(a, dict(a), keys=("model", "optimizer"))
+    assert same_training(a, {**a, "rng": {"torch": torch.zeros(3, dtype=torch.long)}}) == ["rng"]
+    assert same_training(a, {**a, "ema": {"w": torch.ones(2)}}) == ["ema"]  # a key only one of them has
+    assert same_training(a, {**a, "created": "later", "config": {"steps": 9}}) == []  # not the training
+    other_opt = {**a, "optimizer": {"state": {0: {"step": torch.tensor(4.0)}}}}
+    assert not checkpoints_equal(a, other_opt, keys=("model", "optimizer"))
+    assert checkpoints_equal(a, other_opt, keys=("model",))
+    assert not _same(torch.ones(2), torch.ones(2, dtype=torch.float64))  # a dtype is part of the state
+
+
+def test_without_resume_drops_the_flag_and_its_value():
+    assert without_resume(["--resume", "x.pt", "--steps", "3"]) == ["--steps", "3"]
+    assert without_resume(["--steps", "3", "--resume=auto"]) == ["--steps", "3"]
