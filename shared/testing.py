@@ -159,6 +159,21 @@ def readme_commands_that_fail(stage_dir: Path) -> list[str]:
 META = torch.device("meta")
 
 
+def autocast_requests(monkeypatch, module) -> list[bool]:
+    """Replace ``module.autocast`` by a no-op that records the ``enabled`` of every call: on a CPU, where bf16
+    autocast does nothing, the way to see that a training step asks for it (``--amp``)."""
+    import contextlib
+
+    asked = []
+
+    def spy(device, enabled):
+        asked.append(enabled)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(module, "autocast", spy)
+    return asked
+
+
 def on_meta(*tensors) -> bool:
     """Whether every tensor is on the meta device."""
     return all(t.device.type == "meta" for t in tensors)

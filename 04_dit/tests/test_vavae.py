@@ -36,7 +36,7 @@ from shared.checkpoint import save_checkpoint
 from shared.classifier import load_classifier
 from shared.cli import config_from_preset, parse_config
 from shared.data import load_images
-from shared.testing import run_interrupted_and_straight, same_training
+from shared.testing import autocast_requests, run_interrupted_and_straight, same_training
 
 
 def test_autoencoder_shapes_28_to_7x7x4_and_back():
@@ -217,15 +217,7 @@ def test_exact_resume_of_the_autoencoder_trainer(tmp_path):
 
 def test_autoencoder_step_runs_under_the_amp_flag(tmp_path, monkeypatch):
     """--amp is bf16 autocast on CUDA, a no-op here: a spy checks that every training step asks for it."""
-    import contextlib
-
-    asked = []
-
-    def spy(device, enabled):
-        asked.append(enabled)
-        return contextlib.nullcontext()
-
-    monkeypatch.setattr(train_vavae, "autocast", spy)
+    asked = autocast_requests(monkeypatch, train_vavae)
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     train_vavae.main(ae_cfg(steps=3, amp=True))
     assert asked == [True] * 3

@@ -164,18 +164,11 @@ def test_classifier_training_entry_point(tmp_path, monkeypatch):
 
 def test_classifier_training_step_runs_under_the_amp_flag(tmp_path, monkeypatch):
     """--amp is bf16 autocast on CUDA, a no-op here: a spy checks that every training step asks for it."""
-    import contextlib
-
     import shared.classifier as classifier
     from shared.cli import config_from_preset
+    from shared.testing import autocast_requests
 
-    asked = []
-
-    def spy(device, enabled):
-        asked.append(enabled)
-        return contextlib.nullcontext()
-
-    monkeypatch.setattr(classifier, "autocast", spy)
+    asked = autocast_requests(monkeypatch, classifier)
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     classifier.main(config_from_preset(classifier.TrainConfig, classifier.PRESETS, "smoke", steps=3, amp=True))
     assert asked == [True] * 3
