@@ -137,7 +137,7 @@ def num_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def init_normal_(model: nn.Module, std: float) -> nn.Module:
-    """Redraw every weight and bias from N(0, std^2): the paper's §5 initialization, N(0, 0.01), read as std = 0.01.
+    """Redraw every weight and bias from N(0, std^2): the paper's §5 initialization.
 
     The paper writes N(0, 0.01); we read 0.01 as the standard deviation. Used by the `paper` preset only: the
     other presets keep PyTorch's fan-in scaled default (a layer's output scale then does not depend on its

@@ -104,6 +104,8 @@ def interpolate_prompts(model: TextToImage, tok: Tokenizer, a: str, b: str, nois
     with its own token states and padding mask. So w = 0 draws what :func:`generate` draws for A, w = 1 for B."""
     device = noise.device
 
+    # A and B share the empty prompt's velocity, so blending their guided velocities equals guiding the blend of
+    # their conditional ones: v_null + s ((1 - w) v_A + w v_B - v_null). `sample` guides `blend` like any prompt.
     def blend(z, t, cond):  # cond: prompt A's (states, keep, pooled), prompt B's, then each row's w
         mix = cond[6].view(-1, 1, 1, 1)
         return (1 - mix) * model.velocity(z, t, cond[:3]) + mix * model.velocity(z, t, cond[3:6])
@@ -113,9 +115,6 @@ def interpolate_prompts(model: TextToImage, tok: Tokenizer, a: str, b: str, nois
         n = len(w)
         cond_a, cond_b = (model.condition(tok.batch([p] * n, strict=True).to(device)) for p in (a, b))
         null = model.condition(tok.batch([""] * n).to(device))
-        # A and B share the empty prompt's velocity, so blending their guided velocities equals guiding the blend
-        # of their conditional ones: v_null + s ((1 - w) v_A + w v_B - v_null). `sample` guides `blend` like any
-        # prompt.
         out.append(sample(blend, noise[:1].expand(n, *noise.shape[1:]), (*cond_a, *cond_b, w), (*null, *null, w),
                           scale, steps, interval=interval).clamp(-1, 1))
     return torch.cat(out)
