@@ -366,3 +366,28 @@ def test_guidance_only_inside_the_interval():
         calls.clear()
         draw((0.0, 1.0))  # the default: every step guided
         assert all(b == 4 for _, b in calls)
+
+
+def test_sample_runs_the_named_sampler_with_its_steps_scale_interval_and_clip():
+    """sample() is the sampler it names, called with the given steps, guidance scale, interval and clip: equal to
+    a direct call, and not to the other sampler of the same objective (on a label-dependent field, where guidance,
+    the step count and Heun's corrector all change the result)."""
+
+    def model(x, t, y):  # nonlinear in x, dependent on t and on the label, so that nothing is a no-op
+        return torch.sin(3 * x) * (1 + y.float())[:, None, None, None] * (0.5 + t / 1000)[:, None, None, None]
+
+    noise, y = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([2, 7])
+    common = dict(steps=4, cfg_scale=2.5, null_class=10, interval=(0.1, 0.9))
+    for method in ("euler", "heun"):
+        got = sample(model, noise, y, "flow", method, 4, 2.5, 10, interval=(0.1, 0.9))
+        assert torch.equal(got, ode_sample(model, noise, y, method=method, **common))
+    assert not torch.equal(sample(model, noise, y, "flow", "heun", 4, 2.5, 10),
+                           sample(model, noise, y, "flow", "euler", 4, 2.5, 10))
+    for name, eta in (("ddpm", 1.0), ("ddim", 0.0)):
+        for clip in (True, False):
+            got = sample(model, noise, y, "ddpm", name, 4, 2.5, 10, interval=(0.1, 0.9),
+                         generator=torch.Generator().manual_seed(1), clip=clip)
+            assert torch.equal(got, ddim_sample(model, noise, y, eta=eta, generator=torch.Generator().manual_seed(1),
+                                                clip=clip, **common))
+    assert not torch.equal(sample(model, noise, y, "ddpm", "ddim", 4, 2.5, 10, clip=False),
+                           sample(model, noise, y, "ddpm", "ddim", 4, 2.5, 10))

@@ -71,3 +71,31 @@ def test_stopped_ladder_keeps_its_rows_stops_and_resumes(tmp_path, monkeypatch, 
     monkeypatch.setattr(ladder, "train_main", real)
     rows = ladder.main(args + ["--resume"])
     assert [(r["rung"], r["step"]) for r in rows] == [(name, s) for name, _ in ladder.RUNGS[:2] for s in (2, 4)]
+
+
+@pytest.mark.parametrize("objective, sampler", [("flow", "heun"), ("ddpm", "ddim")])
+def test_draw_hands_its_steps_scale_and_labels_to_the_sampler(monkeypatch, objective, sampler):
+    """draw(): n samples in batches of 500, each drawn by the objective's deterministic sampler with the given steps,
+    guidance scale and the labels 0..9, 0..9, ... that it returns; the images are the sampler's outputs, in order."""
+    from types import SimpleNamespace
+
+    import torch
+    from train import TrainConfig
+
+    from shared.images import to_uint8
+
+    calls = []
+
+    def spy(model, noise, y, objective, sampler, steps, cfg_scale, null_class, generator=None):
+        calls.append(dict(noise=noise, y=y, args=(objective, sampler, steps, cfg_scale, null_class)))
+        return noise.clamp(-1, 1)
+
+    monkeypatch.setattr(ladder, "sample", spy)
+    ema = torch.nn.Linear(1, 1)
+    ema.cfg = SimpleNamespace(num_classes=10)
+    images, labels = ladder.draw(ema, TrainConfig(objective=objective), 1005, steps=3, cfg_scale=1.7)
+    assert [len(c["y"]) for c in calls] == [500, 500, 5]
+    assert all(c["args"] == (objective, sampler, 3, 1.7, 10) for c in calls)
+    assert labels.tolist() == [i % 10 for i in range(1005)]
+    assert torch.equal(torch.cat([c["y"] for c in calls]), labels)
+    assert torch.equal(images, to_uint8(torch.cat([c["noise"] for c in calls])))

@@ -1,5 +1,6 @@
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -238,3 +239,162 @@ def test_readme_references_exist():
 
 def test_readme_commands_parse():  # every command a reader may copy still takes its flags
     assert readme_commands_that_fail(STAGE_DIR) == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# Wiring: what the loss, the samplers and the decoder are handed (each test kills a mutant that ran clean before)
+# --------------------------------------------------------------------------------------------------------
+
+def rows_found_in(x: torch.Tensor, pool: torch.Tensor, atol: float = 1e-5) -> bool:
+    """Whether every sample of x (B, ...) equals, up to atol, some sample of pool (N, ...)."""
+    gap = (x.flatten(1)[:, None] - pool.flatten(1)[None]).abs().amax(-1)  # (B, N)
+    return bool((gap.min(1).values <= atol).all())
+
+
+@pytest.mark.parametrize("space", ["pixels", "latents"])
+def test_the_loss_sees_symmetric_pixels_or_the_normalised_latents_as_they_are(tmp_path, monkeypatch, space):
+    """The batches rf_loss trains on: dataset images mapped to [-1, 1] by to_symmetric, or with --latents the
+    autoencoder's normalised posterior means (Eq. 22) unchanged (not mapped again as if they were pixels)."""
+    from vavae import AE_STAGE, AEConfig, Autoencoder, prepare_latents
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    images, _ = load_images("synthetic")
+    flags, pool = {}, to_symmetric(images)
+    if space == "latents":
+        torch.manual_seed(0)
+        path = save_checkpoint({"stage": AE_STAGE, "config": {}, "model": Autoencoder(AEConfig(width=4)).state_dict()},
+                               tmp_path / "ae.pt")
+        flags, pool = dict(latents=str(path)), prepare_latents(str(path), images)[1]
+    seen, real = [], train.rf_loss
+
+    def spy(net, x0, y, logit_normal=True, cos_weight=0.0):
+        seen.append(x0.detach().clone())
+        return real(net, x0, y, logit_normal, cos_weight)
+
+    monkeypatch.setattr(train, "rf_loss", spy)
+    train.main(smoke_cfg(run_name=space, steps=2, sample_steps=1, **flags))
+    assert len(seen) == 2 and seen[0].shape == (16, *pool.shape[1:])
+    assert all(rows_found_in(x0, pool) for x0 in seen)
+
+
+class PointOracle(torch.nn.Module):
+    """The exact eps-prediction (DDPM chain, Eq. 2) when the data of class y is the single point x* = 1.5 + 0.1 y
+    (every entry; the null class 10 gives 2.5): outside [-1, 1], so a sample lands there only if x_0 is unclipped."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.cfg = SimpleNamespace(in_channels=channels, image_size=size, num_classes=10)
+
+    def forward(self, x, t, y):
+        from diffusion import linear_alpha_bar
+
+        ab = linear_alpha_bar()[t.long()].float()[:, None, None, None]
+        x_star = (1.5 + 0.1 * y.float())[:, None, None, None]
+        return (x - ab.sqrt() * x_star) / (1 - ab).sqrt()
+
+
+def test_sample_grid_clips_pixels_but_not_latents(monkeypatch):
+    """sample_grid clips x_0 to [-1, 1] for pixels only: the DDIM latents it decodes land on the data point
+    x* = 1.5 + 0.1 y outside that range; a pixel-space grid of the same model stops at 1."""
+    cfg = smoke_cfg(objective="ddpm", cfg_scale=1.0, sample_steps=10)
+    decoded, sentinel = [], object()
+    monkeypatch.setattr(train, "decode_latents", lambda ae, z: decoded.append((ae, z)) or z[:, :1].repeat(1, 1, 4, 4))
+    train.sample_grid(PointOracle(4, 7), cfg, "cpu", per_class=2, ae=sentinel)
+    (ae, z), = decoded
+    x_star = (1.5 + 0.1 * torch.arange(10).repeat_interleave(2).float())[:, None, None, None].expand(-1, 4, 7, 7)
+    assert ae is sentinel and torch.allclose(z, x_star, atol=1e-3)
+    pixels = train.sample_grid(PointOracle(1, 28), cfg, "cpu", per_class=2)
+    assert pixels.shape == (20, 1, 28, 28) and torch.allclose(pixels, torch.ones_like(pixels), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective, sampler", [("flow", "heun"), ("ddpm", "ddim")])
+def test_sample_grid_draws_with_the_deterministic_sampler_and_the_configured_steps_and_guidance(monkeypatch, objective,
+                                                                                              sampler):
+    """The grids written while training: the objective's deterministic sampler (Heun, resp. DDIM), --sample-steps,
+    --cfg-scale and the null class, one row of per_class samples per digit."""
+    calls = []
+
+    def spy(model, noise, y, objective, sampler, steps, cfg_scale, null_class, generator=None, clip=True):
+        calls.append((objective, sampler, steps, cfg_scale, null_class, clip, y.tolist()))
+        return noise.clamp(-1, 1)
+
+    monkeypatch.setattr(train, "sample", spy)
+    cfg = smoke_cfg(objective=objective, sample_steps=3, cfg_scale=2.5)
+    out = train.sample_grid(PointOracle(1, 28), cfg, "cpu", per_class=2)
+    assert out.shape == (20, 1, 28, 28)
+    assert calls == [(objective, sampler, 3, 2.5, 10, True, [d for d in range(10) for _ in range(2)])]
+
+
+def test_sample_decodes_each_batch_of_latents_unclipped_into_its_own_images(tmp_path, monkeypatch):
+    """sample.py on a latent DiT: each batch's latents, sampled without clipping (they land on x* = 1.5 + 0.1 y),
+    go through the checkpoint's autoencoder, and every sample's image in the .npz is the decoding of its own latent."""
+    from shared.images import to_uint8
+
+    sentinel, shapes = object(), []
+    monkeypatch.setattr(sample, "load_model", lambda path, device: (PointOracle(4, 7), {"objective": "ddpm"}, sentinel))
+
+    def decode(ae, z):  # a stand-in decoder that shows which latent it was given: image value = mean(z) - 2
+        assert ae is sentinel
+        shapes.append(tuple(z.shape))
+        return (z.mean(dim=(1, 2, 3)) - 2.0)[:, None, None, None].expand(-1, 1, 28, 28)
+
+    monkeypatch.setattr(sample, "decode_latents", decode)
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "s.npz"
+    ckpt.touch()
+    sample.main(["--ckpt", str(ckpt), "--num-samples", "20", "--batch-size", "7", "--steps", "10", "--cfg-scale", "1",
+                 "--out", str(out), "--device", "cpu"])
+    assert shapes == [(7, 4, 7, 7), (7, 4, 7, 7), (6, 4, 7, 7)]
+    data = np.load(out)
+    labels = torch.from_numpy(data["labels"])
+    want = to_uint8((0.1 * labels.float() - 0.5)[:, None, None, None].expand(-1, 1, 28, 28))
+    assert (torch.from_numpy(data["images"]).int() - want.int()).abs().max() <= 1
+
+
+def grid_tiles(path: Path, rows: int, cols: int) -> torch.Tensor:
+    """(rows, cols, 28, 28) uint8 tiles of a save_grid PNG (28x28 images, padding 2), after checking its size."""
+    from PIL import Image
+
+    grid = torch.from_numpy(np.array(Image.open(path).convert("L")))
+    assert grid.shape == (30 * rows + 2, 30 * cols + 2), grid.shape
+    return grid[2:, 2:].unflatten(0, (rows, 30)).unflatten(2, (cols, 30))[:, :28, :, :28].permute(0, 2, 1, 3)
+
+
+def test_figures_draws_the_sweep_trajectory_and_attention_from_one_noise(trained, tmp_path):
+    """figures.py's three pictures: the sweep has one row per --scales value (which the sampler is given), the
+    trajectory starts at the --seed noise and ends at the scale-2 sample, and the attention figure puts each of the
+    first four samples beside its heads' maps, each scaled to a maximum of 1."""
+    import figures
+
+    from shared.images import to_uint8
+
+    figures.main(["--ckpt", str(trained), "--steps", "2", "--scales", "0", "2", "--out", str(tmp_path), "--seed", "3"])
+    sweep = grid_tiles(tmp_path / "cfg_sweep.png", 2, 10)
+    path = grid_tiles(tmp_path / "trajectory.png", 10, 9)
+    heads = sample.load_model(trained, "cpu")[0].cfg.num_heads
+    attention = grid_tiles(tmp_path / "attention.png", 4, 1 + heads)
+    noise = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(path[:, 0], to_uint8(noise)[:, 0])
+    assert torch.equal(path[:, -1], sweep[1]) and not torch.equal(sweep[0], sweep[1])
+    assert torch.equal(attention[:, 0], path[:4, -1])
+    assert (attention[:, 1:].amax(dim=(-2, -1)) == 255).all()
+
+
+def test_figures_vavae_puts_test_digits_above_each_autoencoders_mean_reconstructions(tmp_path):
+    """figures.py --vavae: row 1 the first 12 test digits, then one row per checkpoint of reconstruct()'s
+    posterior-mean reconstructions by that autoencoder, in the order given."""
+    import figures
+    from train_vavae import reconstruct
+    from vavae import AE_STAGE, AEConfig, Autoencoder
+
+    aes, paths = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        aes.append(Autoencoder(AEConfig(width=4)).eval())
+        paths.append(str(save_checkpoint({"stage": AE_STAGE, "config": {}, "model": aes[-1].state_dict()},
+                                         tmp_path / f"ae{seed}.pt")))
+    figures.main(["--vavae", *paths, "--out", str(tmp_path)])
+    tiles = grid_tiles(tmp_path / "vavae_recon.png", 3, 12)
+    digits = load_images("mnist", train=False)[0][:12]
+    assert torch.equal(tiles[0], digits[:, 0])
+    for row, ae in zip(tiles[1:], aes):
+        assert torch.equal(row, reconstruct(ae, digits)[:, 0])

@@ -313,3 +313,75 @@ def test_torchrun_without_alignment(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(tmp_path / AE_STAGE / "ddp" / "ckpt.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and not ckpt["config"]["align"]
+
+
+def test_encode_images_gives_the_posterior_means_of_the_images_mapped_to_minus_one_one():
+    """encode_images: uint8 digits -> x / 127.5 - 1 -> the encoder's mu (the mean, not a sample), batch by batch."""
+    torch.manual_seed(0)
+    ae = Autoencoder(AEConfig(width=4)).eval()
+    images = load_images("synthetic")[0][:5]
+    with torch.no_grad():
+        want = ae.encode(images.float() / 127.5 - 1)[0]
+    torch.testing.assert_close(encode_images(ae, images, batch_size=2), want, rtol=0, atol=1e-6)
+
+
+def test_reconstruct_decodes_the_posterior_mean_of_the_images_mapped_to_minus_one_one():
+    """train_vavae.reconstruct (the test PSNR's and figures.py's): decode(mu(x / 127.5 - 1)) as uint8, batch by batch;
+    deterministic, so not decode(z) of a posterior sample z, nor of images read in [0, 1] (both would show here)."""
+    from shared.images import to_uint8
+
+    torch.manual_seed(0)
+    ae = Autoencoder(AEConfig(width=4)).eval()
+    images = load_images("synthetic")[0][:6]
+    with torch.no_grad():
+        for p in ae.parameters():  # untrained, the decoder's output is ~0 for any input; x3 spreads it over [-1, 1]
+            p.mul_(3)
+        ae.conv_out.bias[4:] = 0.0  # log sigma^2 ~ 0: samples a full standard deviation from the mean
+        want = to_uint8(ae.decode(ae.encode(images.float() / 127.5 - 1)[0]))
+        assert want.unique().numel() > 100
+        assert not torch.equal(to_uint8(ae(images.float() / 127.5 - 1)["x_hat"]), want)  # a sample
+        assert not torch.equal(to_uint8(ae.decode(ae.encode(images.float() / 255)[0])), want)  # pixels in [0, 1]
+    assert torch.equal(train_vavae.reconstruct(ae, images, batch_size=4), want)
+
+
+def test_vavae_trainer_hands_its_flags_and_symmetric_images_to_the_losses(tmp_path, monkeypatch):
+    """Each step: L_AE (Eq. 16) of the batch mapped to [-1, 1] with --beta, and the VF loss (Eq. 21) with --m1, --m2
+    and --vf-weight (all set off their defaults here), on the sampled latent z of that forward pass."""
+    from test_train import rows_found_in
+
+    from shared.data import to_symmetric
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    calls, real_ae, real_vf = [], train_vavae.ae_losses, train_vavae.vf_loss
+
+    def ae_spy(out, x, beta):
+        calls.append(("ae", beta, x.detach().clone(), out["z"]))
+        return real_ae(out, x, beta)
+
+    def vf_spy(ae, z, f, rec_loss, m1, m2, w_hyper):
+        calls.append(("vf", (m1, m2, w_hyper), z))
+        return real_vf(ae, z, f, rec_loss, m1, m2, w_hyper)
+
+    monkeypatch.setattr(train_vavae, "ae_losses", ae_spy)
+    monkeypatch.setattr(train_vavae, "vf_loss", vf_spy)
+    train_vavae.main(ae_cfg(steps=2, beta=0.02, m1=0.3, m2=0.1, vf_weight=0.7))
+    assert [c[:2] for c in calls] == [("ae", 0.02), ("vf", (0.3, 0.1, 0.7))] * 2
+    pool = to_symmetric(load_images("synthetic")[0])
+    assert all(rows_found_in(x, pool) for _, _, x, _ in calls[::2])
+    assert all(vf[2] is ae_[3] for ae_, vf in zip(calls[::2], calls[1::2]))
+
+
+def test_vavae_trainer_reports_mse_and_psnr_of_the_test_split_in_the_unit_range(tmp_path, monkeypatch):
+    """test_mse is the mean squared error over the whole test split of pixels in [0, 1], test_psnr 10 log10(1 / mse):
+    four white test digits reconstructed at 255, 204, 153, 102 (errors 0, 0.2, 0.4, 0.6) give mse 0.56 / 4 = 0.14
+    and 8.539 dB (20 log10: 17.08; peak 255: 56.7; pixels in [-1, 1]: 2.52)."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    train_set, white = load_images("synthetic"), torch.full((4, 1, 28, 28), 255, dtype=torch.uint8)
+    monkeypatch.setattr(train_vavae, "load_images", lambda name, train=True: train_set if train else
+                        (white, torch.arange(4)))
+    monkeypatch.setattr(train_vavae, "reconstruct", lambda ae, images: (
+        images.int() - 51 * (torch.arange(len(images)) % 4)[:, None, None, None]).clamp(0, 255).to(torch.uint8))
+    result = train_vavae.main(ae_cfg(steps=1, align=False))
+    assert math.isclose(result["test_mse"], 0.14, rel_tol=1e-5)
+    assert math.isclose(result["test_psnr"], 10 * math.log10(1 / 0.14), rel_tol=1e-5)
+    assert math.isclose(result["test_psnr"], 8.539, abs_tol=1e-3)
