@@ -248,7 +248,7 @@ def save_confusion(confusion: torch.Tensor, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(confusion.float() / confusion.sum(1, keepdim=True), cmap="Blues")
+    ax.imshow((confusion.float() / confusion.sum(1, keepdim=True)).numpy(), cmap="Blues")
     for i in range(10):
         for j in range(10):
             if confusion[i, j]:

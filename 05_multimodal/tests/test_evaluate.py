@@ -1,6 +1,7 @@
 """The single-digit evaluation of evaluate.py, on stand-ins whose answers are known: prompts, retrieval, the
 zero-shot confusion matrix, attribute and digit adherence."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -8,9 +9,10 @@ import evaluate as evaluate_script
 import pytest
 import torch
 import torch.nn.functional as F
-from captions import DIGIT_WORDS, Tokenizer, attribute_levels, parse_prompt, shrink
+from captions import DIGIT_WORDS, Tokenizer, article, attribute_levels, parse_prompt, shrink
 from evaluate import ATTRIBUTE_PROMPTS, attribute_prompts, retrieval, zero_shot
 from test_captions import stroke
+from train import grid_prompts
 
 import shared.classifier
 import shared.metrics
@@ -174,3 +176,51 @@ def test_attribute_and_digit_adherence_count_the_matches(monkeypatch):
     assert scores["attribute_adherence"] == pytest.approx(dict.fromkeys(ATTRIBUTE_PROMPTS, 0.7))
     assert all(m["count"] == 3 and m["median_distance"] > 0 for m in scores["attribute_misses"].values())
     assert scores["digit_adherence"] == pytest.approx(0.8)
+
+
+GUIDANCE = ["--cfg-scale", "2.5", "--sample-steps", "3", "--cfg-interval", "0.2", "0.7"]
+
+
+@pytest.mark.parametrize("flags, asked", [(GUIDANCE, (2.5, 3, (0.2, 0.7))), ([], (3.0, 30, (0.0, 1.0)))])
+def test_flags_reach_every_sampler_call_and_the_outputs(tmp_path, monkeypatch, flags, asked):
+    """evaluate.py with --assets and --json, the sampler and the classifier replaced: --num-samples sets both
+    prompt sets' sizes, every sample is drawn with --cfg-scale / --sample-steps / --cfg-interval, or without them
+    the checkpoint's own (pretrained: scale 3, 30 steps), the guidance sweep with its own scales; the pictures are
+    written, the JSON file holds the returned numbers, and these report the settings used and --device; a second
+    evaluation draws the same noise."""
+    calls, devices, noises = [], [], []
+
+    def fake_generate(model, tok, prompts, noise, scale, steps, batch_size, interval):
+        assert len(noise) == len(prompts)
+        calls.append((list(prompts), scale, steps, interval))
+        noises.append(noise.clone())
+        return noise.clamp(-1, 1)
+
+    test_x, test_y = load_images("mnist", train=False)
+    monkeypatch.setattr(evaluate_script, "load_images", lambda name, train=True: (test_x[:100], test_y[:100]))
+    monkeypatch.setattr(evaluate_script, "choose_device", lambda device: devices.append(device) or torch.device("cpu"))
+    monkeypatch.setattr(evaluate_script, "generate", fake_generate)
+    monkeypatch.setattr(shared.classifier, "load_classifier", lambda device="cpu": object())
+    monkeypatch.setattr(shared.classifier, "predict",
+                        lambda classifier, u8: (torch.zeros(len(u8), 128), torch.zeros(len(u8), 10)))
+    monkeypatch.setattr(shared.metrics, "evaluate", lambda images, labels: dict.fromkeys(
+        ("fid", "fid_floor", "precision", "recall", "label_accuracy"), 0.0))
+    assets, out = tmp_path / "assets", tmp_path / "result.json"
+    result = evaluate_script.main(["--ckpt", str(STAGE_DIR / "pretrained" / "mnist.pt"), "--num-samples", "70",
+                                   "--device", "cpu", *flags, "--assets", str(assets), "--json", str(out)])
+    scale, steps, interval = asked
+    plain, attributes, grid, *sweep = calls
+    assert plain[0] == [f"{article(w)} {w}" for w in DIGIT_WORDS] * 7 and attributes[0] == attribute_prompts(70)[0]
+    assert grid[0] == grid_prompts() and len(sweep) == 4 * 5
+    assert [c[1:] for c in (plain, attributes, grid)] == [asked] * 3
+    assert [c[1:] for c in sweep] == [(s, steps, interval) for s in (0.0, 1.0, 2.0, 3.0, 5.0)] * 4
+    assert all(len(set(c[0])) == 1 and len(c[0]) == 8 for c in sweep)  # one prompt a row, 8 noises
+    assert {p.name for p in assets.iterdir()} == {"zero_shot_confusion.png", "prompt_grid.png", "guidance_sweep.png"}
+    assert json.loads(out.read_text()) == result
+    assert (result["cfg_scale"], result["sample_steps"], result["cfg_interval"], result["weights"]) == \
+        (scale, steps, list(interval), "ema")
+    assert devices == ["cpu"]
+    if not flags:  # a second evaluation samples from the same noise: the numbers are reproducible
+        before = len(noises)
+        evaluate_script.main(["--ckpt", str(STAGE_DIR / "pretrained" / "mnist.pt"), "--num-samples", "70"])
+        assert len(noises) == before + 2 and all(torch.equal(a, b) for a, b in zip(noises[:2], noises[before:]))

@@ -220,3 +220,15 @@ def test_guidance_interval_guides_only_the_steps_inside_it():
     early = sample(model.velocity, noise, cond, null, 4.0, steps=4, interval=(0.6, 1.0))
     assert torch.allclose(early, z, atol=1e-5)
     assert not torch.allclose(early, full, atol=1e-4) and not torch.allclose(early, never, atol=1e-4)
+
+
+def test_generate_gives_each_batch_its_own_noise():
+    """In batches, image i is drawn from noise[i]: batches of 2 give what one batch of 5 gives, and one prompt
+    five times gives five different images."""
+    model = tiny().eval()
+    noise = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    prompts = ["a thick 7"] * 5
+    whole = generate(model, TOK, prompts, noise, 3.0, 2, batch_size=5)
+    assert torch.allclose(generate(model, TOK, prompts, noise, 3.0, 2, batch_size=2), whole, atol=1e-5)
+    flat = whole.flatten(1)
+    assert all(not torch.allclose(flat[i], flat[j], atol=1e-3) for i in range(5) for j in range(i))

@@ -1,5 +1,6 @@
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import evaluate as evaluate_script
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import sample as sample_script
 import torch
 import train
-from captions import Tokenizer, attribute_levels
+from captions import Tokenizer, attribute_levels, parse_prompt
 from model import info_nce
 
 from shared import UserError
@@ -278,6 +279,7 @@ def test_sample_writes_npz_with_prompted_digits(tmp_path, monkeypatch, capsys):
         sample_script.main(["--ckpt", ckpt, "--num-samples", "4", "--out", str(out), "--cfg-scale", "4",
                             "--sample-steps", "3", "--cfg-interval", "0.2", "0.8", "--batch-size", "2", "--seed", seed])
     assert [s[:4] for s in seen] == [(4.0, 3, 2, (0.2, 0.8))] * 2 and not torch.equal(seen[0][4], seen[1][4])
+    assert len(seen[0][4].flatten(1).unique(dim=0)) == 4  # one noise image per sample, not one for all
     with pytest.raises(UserError, match="unknown word 'purple'"):
         sample_script.main(["--ckpt", ckpt, "--prompt", "a purple 7", "--out", str(out)])
     # mistakes in the prompts are found before any sampling, wherever they stand
@@ -349,3 +351,147 @@ def test_pretrained_weights_load_and_are_small():
     model, tok, cfg = sample_script.load_model(path, "cpu")
     assert load_checkpoint(path, train.STAGE)["step"] == cfg.steps
     assert sorted(model.state_dict()) == sorted(load_checkpoint(path)["model"])
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that records, at each step, the learning rates it steps with, the total norm of the gradients it
+    applies, and its parameters before and after the step."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.seen = []  # one dict per step
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        before = [p.detach().clone() for p in params]
+        lrs = [group["lr"] for group in self.param_groups]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        out = super().step(closure)
+        self.seen.append({"lr": lrs, "grad_norm": norm, "before": before,
+                          "after": [p.detach().clone() for p in params]})
+        return out
+
+
+LOOP = dict(TINY, clip_lr=2.5e-3, lr=7e-4, t_mean=3.0, t_std=0.02, sample_every=0, run_name="loop")
+LOSS_SCALE = 1e4  # the flow loss the loop backpropagates, scaled up so that every gradient norm exceeds the clip
+
+
+@pytest.fixture(scope="module")
+def recorded_training(tmp_path_factory):
+    """One smoke run (4 CLIP steps, then 4 MMDiT steps) with both optimizers and the flow loss recorded."""
+    tmp_path = tmp_path_factory.mktemp("loop")
+    optimizers, times = [], []
+    flow_loss = train.rectified_flow_loss
+
+    def make_optimizer(params, **kwargs):
+        optimizers.append(RecordingAdamW(params, **kwargs))
+        return optimizers[-1]
+
+    def scaled_flow_loss(velocity, x0, cond, t, eps):
+        times.append(t.clone())
+        return LOSS_SCALE * flow_loss(velocity, x0, cond, t, eps)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+        patch.setattr(torch.optim, "AdamW", make_optimizer)
+        patch.setattr(train, "rectified_flow_loss", scaled_flow_loss)
+        cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", **LOOP, device="cpu")
+        model = train.main(cfg)
+    clip_params = {id(p) for p in model.clip.parameters()}
+    clip_opt, = [o for o in optimizers if {id(p) for g in o.param_groups for p in g["params"]} <= clip_params]
+    dit_opt, = [o for o in optimizers if o is not clip_opt]
+    ckpt = load_checkpoint(tmp_path / train.STAGE / "loop" / "ckpt.pt")
+    return SimpleNamespace(cfg=cfg, model=model, clip=clip_opt.seen, dit=dit_opt.seen, times=times, ckpt=ckpt)
+
+
+def test_clip_phase_steps_with_clip_lr_warmed_up_over_100_steps(recorded_training):
+    """Each of the --clip-steps CLIP steps uses --clip-lr times the warm-up factor step / 100 (not --lr)."""
+    run = recorded_training
+    assert [lr for s in run.clip for lr in s["lr"]] == pytest.approx([2.5e-3 * step / 100 for step in range(1, 5)])
+
+
+def test_mmdit_phase_steps_with_the_lr_of_its_own_step(recorded_training):
+    """Each MMDiT step k = step - clip_steps (1..4) uses --lr * k / 200: the warm-up value is set before the step
+    it belongs to, not after it (one step late)."""
+    run = recorded_training
+    assert [lr for s in run.dit for lr in s["lr"]] == pytest.approx([7e-4 * k / 200 for k in range(1, 5)])
+
+
+def test_mmdit_steps_apply_gradients_clipped_to_norm_one(recorded_training):
+    """Every MMDiT step applies gradients of total norm 1 when the raw gradient is larger (here ~1e4 x)."""
+    norms = [s["grad_norm"] for s in recorded_training.dit]
+    assert len(norms) == 4 and norms == [pytest.approx(1.0, abs=1e-4)] * 4
+
+
+def test_flow_loss_timesteps_follow_t_mean_and_t_std(recorded_training):
+    """The t of every MMDiT step is logit-normal with --t-mean 3 and --t-std 0.02: all within sigmoid(3 +- 0.1)."""
+    t = torch.cat(recorded_training.times)
+    assert len(t) == 4 * TINY["batch_size"]
+    lo, hi = torch.sigmoid(torch.tensor([2.9, 3.1]))
+    assert lo < t.min() and t.max() < hi, (t.min(), t.max())
+
+
+def test_ema_averages_the_weights_after_every_mmdit_step_with_the_ramped_decay(recorded_training):
+    """The saved EMA is the fresh MMDiT averaged, after each MMDiT step k, towards that step's weights with decay
+    (1 + k) / (10 + k); it is a copy, not the live weights."""
+    run = recorded_training
+    names = [f"dit.{name}" for name, _ in run.model.dit.named_parameters()]
+    ema = run.dit[0]["before"]  # the EMA starts at the fresh MMDiT
+    for k, step in enumerate(run.dit, start=1):
+        decay = min(run.cfg.ema_decay, (1 + k) / (10 + k))
+        ema = [e + (1 - decay) * (w - e) for e, w in zip(ema, step["after"])]
+    for name, want in zip(names, ema):
+        assert torch.allclose(run.ckpt["ema"][name], want, rtol=0, atol=1e-6), name
+    assert not torch.equal(run.ckpt["ema"]["dit.final.weight"], run.ckpt["model"]["dit.final.weight"])
+    assert all(torch.equal(run.ckpt["model"][name], w) for name, w in zip(names, run.dit[-1]["after"]))
+
+
+def test_make_batch_scales_images_to_symmetric_range():
+    """With no digit shrunk the batch is the uint8 images mapped to [-1, 1]: 0 -> -1, 255 -> 1."""
+    images, labels = load_images("mnist", train=False)
+    x, ids = train.make_batch(images[:32], labels[:32], Tokenizer(), p_small=0.0)
+    assert torch.allclose(x, images[:32].float() / 127.5 - 1, atol=1e-6)
+    assert x.min() == -1 and x.max() == 1 and ids.shape == (32, Tokenizer().max_len)
+
+
+@pytest.mark.parametrize("two_digit", [False, True])
+def test_make_batch_captions_describe_the_images_it_returns(two_digit):
+    """Captions are measured on the returned (some shrunk) digits: a caption says "small" (or "tiny") once for
+    each returned digit that measures small, and names the levels the returned image measures."""
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    images, labels = load_images("mnist", train=False)
+    x, ids = train.make_batch(images[:200], labels[:200], tok, p_small=0.5, two_digit=two_digit)
+    x01 = (x + 1) / 2
+    halves = [x01[..., :28], x01[..., 28:]] if two_digit else [x01]
+    small = sum((attribute_levels(h)["size"] == 0).long() for h in halves)  # (200,) small digits per image
+    said = torch.tensor([sum(w in ("small", "tiny") for w in tok.decode(row).split()) for row in ids])
+    assert torch.equal(said, small)
+    assert 0.3 < (small > 0).float().mean() < 0.9  # a part of the batch was shrunk (half, or either of two)
+    if not two_digit:  # every named level is the measured one
+        levels = attribute_levels(x01)
+        for i, row in enumerate(ids):
+            digit, named = parse_prompt(tok.decode(row))
+            assert digit == labels[i] and all(levels[k][i] == v for k, v in named.items()), tok.decode(row)
+
+
+def test_sample_grid_guides_with_cfg_scale():
+    """The training grid is sampled at --cfg-scale: at 0 the prompts do not matter (unconditional), at 3 they do,
+    and the result differs from scale 1."""
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    cfg = train.TrainConfig(clip_size="tiny", dit_size="tiny", sample_steps=2)
+    model = train.build(cfg, tok).eval()
+    for p in model.dit.parameters():  # away from adaLN-Zero's zero output, so that the text matters
+        p.data.add_(0.05 * torch.randn_like(p))
+    prompts = train.grid_prompts()
+    grids = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for order, ordered in (("forward", prompts), ("reversed", prompts[::-1])):
+            patch.setattr(train, "grid_prompts", lambda ordered=ordered: ordered)
+            for scale in (0.0, 1.0, 3.0):
+                grids[order, scale] = train.sample_grid(model, tok, dataclasses.replace(cfg, cfg_scale=scale), "cpu")
+    assert torch.allclose(grids["forward", 0.0], grids["reversed", 0.0], atol=1e-5)  # the same noise, no text
+    assert not torch.allclose(grids["forward", 3.0], grids["reversed", 3.0], atol=1e-3)
+    assert not torch.allclose(grids["forward", 3.0], grids["forward", 1.0], atol=1e-3)

@@ -1,5 +1,8 @@
 """The two-digit compositional test: pairing, scoring, the MMDiT's word order, training and resume."""
 
+import dataclasses
+import json
+
 import evaluate as evaluate_script
 import numpy as np
 import pytest
@@ -21,7 +24,9 @@ from captions import (
 from evaluate import binding_prompts, binding_scores, classify_halves, rate_by_attribute, two_digit_scores
 from model import MMDIT_SIZES, MMDiT, MMDiTConfig, sincos_positions, sincos_positions_2d
 
+import shared.classifier
 from shared import UserError
+from shared.checkpoint import save_checkpoint
 from shared.classifier import load_classifier, predict
 from shared.cli import config_from_preset
 from shared.data import load_images, to_unit
@@ -237,3 +242,48 @@ def test_two_digit_flag_widens_the_canvas_and_adds_text_positions(two_digit):
     assert dit.pos_emb.shape == (1, 7 * (14 if two_digit else 7), 64)
     learned = train.build(train.TrainConfig(two_digit=True, image_pos="learned", text_pos="learned"), Tokenizer()).dit
     assert isinstance(learned.pos_emb, torch.nn.Parameter) and isinstance(learned.text_pos, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("flags, asked", [
+    (["--weights", "model", "--cfg-scale", "2.5", "--sample-steps", "3", "--cfg-interval", "0.2", "0.7"],
+     ("model", 2.5, 3, (0.2, 0.7))),
+    ([], ("ema", 1.5, 5, (0.0, 1.0))),  # the checkpoint's own --cfg-scale and --sample-steps
+])
+def test_two_digit_evaluation_samples_with_the_flags_and_sizes_asked(tmp_path, monkeypatch, flags, asked):
+    """evaluate.py on a two-digit checkpoint, the sampler and the classifier replaced: every prompt set (pairs,
+    same-digit control, binding and its control) is drawn with the --weights, --cfg-scale, --sample-steps and
+    --cfg-interval asked (or the checkpoint's), in the sizes --num-samples sets (n, max(10, n // 5),
+    max(60, n // 2) twice); the numbers, also in --json, report those settings; a second evaluation draws the
+    same noise."""
+    cfg = config_from_preset(train.TrainConfig, train.PRESETS, "smoke", two_digit=True, cfg_scale=1.5,
+                             sample_steps=5)
+    raw = train.build(cfg, Tokenizer()).state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in raw.items()}
+    ckpt = save_checkpoint({"stage": train.STAGE, "config": dataclasses.asdict(cfg), "step": cfg.steps,
+                            "model": raw, "ema": ema}, tmp_path / "two.pt")
+    weights, scale, steps, interval = asked
+    calls, noises = [], []
+
+    def fake_generate(model, tok, prompts, noise, scale, steps, batch_size, interval):
+        assert noise.shape == (len(prompts), 1, 28, 56)
+        want = {"model": raw, "ema": ema}[weights]["dit.final.weight"]
+        assert torch.equal(model.state_dict()["dit.final.weight"], want)
+        calls.append((len(prompts), scale, steps, interval))
+        noises.append(noise.clone())
+        return noise.clamp(-1, 1)
+
+    monkeypatch.setattr(evaluate_script, "generate", fake_generate)
+    monkeypatch.setattr(shared.classifier, "load_classifier", lambda device="cpu": object())
+    monkeypatch.setattr(shared.classifier, "predict",
+                        lambda classifier, u8: (torch.zeros(len(u8), 128), torch.zeros(len(u8), 10)))
+    result = evaluate_script.main(["--ckpt", str(ckpt), "--num-samples", "130", "--device", "cpu", *flags,
+                                   "--json", str(tmp_path / "two.json")])
+    assert calls == [(n, scale, steps, interval) for n in (130, 26, 65, 65)]
+    assert (result["num_prompts"], result["same_digit_prompts"]["num_prompts"],
+            result["attribute_binding"]["num_prompts"], result["attribute_binding_control"]["num_prompts"]) == \
+        (130, 26, 65, 65)
+    assert (result["ckpt"], result["weights"], result["cfg_scale"], result["sample_steps"], result["cfg_interval"]) \
+        == (str(ckpt), weights, scale, steps, list(interval))
+    assert json.loads((tmp_path / "two.json").read_text()) == result
+    evaluate_script.main(["--ckpt", str(ckpt), "--num-samples", "130", "--device", "cpu", *flags])
+    assert len(noises) == 8 and all(torch.equal(a, b) for a, b in zip(noises[:4], noises[4:]))  # the same noise
