@@ -1,5 +1,7 @@
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -120,3 +122,81 @@ def test_load_error_names_the_cause_not_the_header():
         model.load_state_dict({"weight": model.weight})
     assert load_error(missing.value).startswith('Missing key(s) in state_dict: "bias"')
     assert load_error(KeyError("config")) == "'config'"
+
+
+def test_a_checkpoint_gets_the_mode_of_any_new_file_and_leaves_the_umask_alone(tmp_path):
+    """mkstemp makes owner-only files: a saved checkpoint is 0666 & ~umask as any new file, and the umask stays."""
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(_payload(1.0), tmp_path / "ckpt.pt")
+        (tmp_path / "plain").write_bytes(b"")
+        assert os.umask(0o027) == 0o027  # save_checkpoint reads the umask by setting it: it must put it back
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o640
+
+
+def test_a_save_writes_a_temporary_file_beside_the_old_checkpoint_then_replaces_it(tmp_path, monkeypatch):
+    """While the new checkpoint is written, ``path`` still holds the old one whole and the bytes go to a temporary
+    file in the same folder (a rename within one file system is atomic)."""
+    path = save_checkpoint(_payload(1.0), tmp_path / "ckpt.pt")
+    real_save, seen = torch.save, {}
+
+    def spy(obj, f):
+        seen["files"] = sorted(os.listdir(tmp_path))
+        seen["old"] = load_checkpoint(path)["model"]["w"][0].item()
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", spy)
+    save_checkpoint(_payload(2.0), path)
+    assert seen["old"] == 1.0 and len(seen["files"]) == 2 and seen["files"][0] == "ckpt.pt"
+    assert seen["files"][1].startswith("ckpt.pt.") and seen["files"][1].endswith(".tmp")
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and load_checkpoint(path)["model"]["w"][0] == 2.0
+
+
+def test_git_hash_names_the_commit_and_marks_uncommitted_work(tmp_path, monkeypatch):
+    """git_hash(): HEAD's 12-digit hash, '-dirty' once a file changed or a new unignored one appeared, 'unknown'
+    outside a repository or without git."""
+    if shutil.which("git") is None:
+        pytest.skip("no git here")
+
+    def git(*args):  # a throwaway repository, whatever the user's git configuration says
+        config = ("user.name=t", "user.email=t@t", "commit.gpgsign=false", "core.hooksPath=/dev/null")
+        return subprocess.run(["git", *(f for c in config for f in ("-c", c)), *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no enclosing repository is found
+    monkeypatch.setattr(checkpoint, "REPO_ROOT", tmp_path)
+    assert checkpoint.git_hash() == "unknown"
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("experiments/\n")
+    git("add", ".gitignore")
+    git("commit", "-q", "-m", "start")
+    head = git("rev-parse", "--short=12", "HEAD")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "ckpt.pt").write_bytes(b"")  # an ignored output does not make the tree dirty
+    assert checkpoint.git_hash() == head and len(head) == 12
+    (tmp_path / "new.py").write_text("")  # a new source file not yet added does
+    assert checkpoint.git_hash() == head + "-dirty"
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(checkpoint.subprocess, "run", no_git)
+    assert checkpoint.git_hash() == "unknown"
+
+
+def test_a_file_that_is_not_a_dict_is_not_a_checkpoint(tmp_path):
+    """A saved bare tensor (or list) loads safely but is refused as a UserError, not a TypeError or RuntimeError."""
+    for name, obj in (("tensor.pt", torch.ones(2)), ("list.pt", ["stage"])):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(UserError, match="not a ScratchGen checkpoint"):
+            load_checkpoint(tmp_path / name)
+
+
+def test_load_error_drops_the_final_period_and_names_a_messageless_error():
+    """The cause goes inside '(...)' of a longer message: no trailing period; an empty message gives the type."""
+    with pytest.raises(RuntimeError) as wrong_shape:
+        torch.nn.Linear(3, 2).load_state_dict(torch.nn.Linear(4, 2).state_dict())
+    assert str(wrong_shape.value).rstrip().endswith(".") and not load_error(wrong_shape.value).endswith(".")
+    assert load_error(RuntimeError()) == "RuntimeError" and load_error(KeyError()) == "KeyError"

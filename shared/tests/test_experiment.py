@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,10 +15,12 @@ import torch
 import toy_train
 
 from shared import UserError
+from shared.checkpoint import save_checkpoint
 from shared.cli import (
     SEED_MAX,
     TrainingDiverged,
     arg,
+    build_parser,
     check_seed,
     config_from_preset,
     output_dir,
@@ -25,7 +29,7 @@ from shared.cli import (
     run_entry,
     validate,
 )
-from shared.experiment import Run, find_checkpoint
+from shared.experiment import Run, find_checkpoint, resolve_resume
 from shared.testing import checkpoints_equal, run_interrupted_and_straight, run_script, same_training
 
 TOY = Path(toy_train.__file__)
@@ -425,3 +429,293 @@ def test_a_run_on_cuda_allows_tf32(smoke, monkeypatch):
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resuming_a_checkpoint_without_a_row_count_cuts_the_metrics_at_its_step(smoke, tmp_path):
+    """A checkpoint from before ``metrics_rows`` was saved: rows logged after its step are dropped, the rest kept."""
+    toy_train.main(dataclasses.replace(smoke, run_name="old", stop_at=13))
+    run_dir = tmp_path / "00_toy/old"
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    del ckpt["metrics_rows"], ckpt["log_window"]
+    torch.save(ckpt, run_dir / "ckpt.pt")
+    with open(run_dir / "metrics.jsonl", "a") as f:  # what the run logged after this checkpoint, before it died
+        f.writelines(json.dumps({"step": step, "loss": 99.0}) + "\n" for step in (14, 15))
+    toy_train.main(dataclasses.replace(smoke, run_name="old", resume="auto"))
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 31)) and all(r["loss"] != 99.0 for r in rows)
+    assert torch.load(run_dir / "ckpt.pt", weights_only=True)["metrics_rows"] == 30
+
+
+def test_a_resume_rewrites_config_json_with_the_config_it_continues_with(smoke, tmp_path):
+    """After a resume, config.json (and the checkpoint) hold the new flags and the folder's name as run_name."""
+    toy_train.main(dataclasses.replace(smoke, run_name="cfg", stop_at=5))
+    toy_train.main(dataclasses.replace(smoke, run_name="other", resume=str(tmp_path / "00_toy/cfg"), steps=40,
+                                       stop_at=8))
+    saved = json.loads((tmp_path / "00_toy/cfg/config.json").read_text())
+    assert (saved["steps"], saved["stop_at"], saved["run_name"]) == (40, 8, "cfg")
+    assert torch.load(tmp_path / "00_toy/cfg/ckpt.pt", weights_only=True)["config"] == saved
+    moved = tmp_path / "moved"  # a run copied out of experiments/: its run_name is the folder's path
+    shutil.copytree(tmp_path / "00_toy/cfg", moved)
+    toy_train.main(dataclasses.replace(smoke, resume=str(moved), steps=40, stop_at=10))
+    assert json.loads((moved / "config.json").read_text())["run_name"] == str(moved)
+
+
+def test_a_nan_in_the_open_logging_window_stops_the_save(smoke, tmp_path):
+    """A NaN logged since the last row is checked at save time, not written: the last good checkpoint stays."""
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TrainingDiverged, match="loss = nan at step 4; the last good checkpoint is"):
+        with Run("00_toy", dataclasses.replace(smoke, run_name="nanwin", log_every=10)) as run:
+            run.step = 3
+            run.log(3, loss=torch.tensor(1.5))
+            run.save_checkpoint(model=model)
+            run.step = 4
+            run.log(4, loss=torch.tensor(float("nan")))
+            run.save_checkpoint(model=model)
+    ckpt = torch.load(tmp_path / "00_toy/nanwin/ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["log_window"]["counts"] == {"loss": 1} and ckpt["metrics_rows"] == 0
+    assert not (tmp_path / "00_toy/nanwin/metrics.jsonl").exists()  # the open window was carried, not logged
+
+
+def test_find_checkpoint_prefers_the_newest_run_over_the_pretrained_weights(smoke, tmp_path):
+    """sample.py's checkpoint: --ckpt (a file or a run folder) if given, else the stage's newest run, else
+    pretrained/mnist.pt."""
+    stage_dir = tmp_path / "stage"
+    pretrained = save_checkpoint({"stage": "00_toy"}, stage_dir / "pretrained" / "mnist.pt")
+    assert find_checkpoint("00_toy", stage_dir) == pretrained
+    run = save_checkpoint({"stage": "00_toy"}, tmp_path / "00_toy" / "x" / "ckpt.pt")
+    assert find_checkpoint("00_toy", stage_dir) == run
+    assert find_checkpoint("00_toy", stage_dir, str(pretrained)) == pretrained
+    assert find_checkpoint("00_toy", stage_dir, str(run.parent)) == run
+    with pytest.raises(UserError, match="--ckpt .*nope.pt: no such checkpoint"):
+        find_checkpoint("00_toy", stage_dir, str(tmp_path / "nope.pt"))
+
+
+def test_validate_refuses_a_value_outside_the_choices_in_one_line(smoke, capsys):
+    """A choice that did not pass argparse (a preset's, a resumed config's) is refused by validate: exit code 2."""
+    validate(smoke)
+    with pytest.raises(UserError, match="--dataset must be one of mnist, fashion-mnist, synthetic, got 'svhn'"):
+        validate(dataclasses.replace(smoke, dataset="svhn"))
+    presets = {**toy_train.PRESETS, "odd": dict(dataset="svhn")}
+    with pytest.raises(SystemExit) as exit_:
+        run_entry(parse_config, toy_train.TrainConfig, presets, "00_toy", ["--preset", "odd"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --dataset must be one of mnist, fashion-mnist, synthetic, got 'svhn'"]
+
+
+def test_resume_auto_takes_the_named_run_else_the_newest_and_none_when_there_is_none(smoke, tmp_path):
+    """--resume auto: the run --run-name names (None if it has no checkpoint yet), else the stage's newest run."""
+    newer = save_checkpoint({"stage": "00_toy"}, tmp_path / "00_toy/a/ckpt.pt")
+    older = save_checkpoint({"stage": "00_toy"}, tmp_path / "00_toy/b/ckpt.pt")
+    os.utime(older, (1, 1))  # by time, not by name
+    assert resolve_resume("00_toy", "b", "auto") == older and resolve_resume("00_toy", "", "auto") == newer
+    assert resolve_resume("00_toy", "c", "auto") is None and resolve_resume("00_toy", "b", "") is None
+    cfg = parse_config(toy_train.TrainConfig, toy_train.PRESETS, "00_toy",
+                       ["--preset", "smoke", "--resume", "auto", "--run-name", "c"])
+    assert cfg.run_name == "c" and cfg.resume == "auto"  # nothing to resume yet: a new run of that name
+    assert Run("00_toy", cfg).resume_from is None and (tmp_path / "00_toy/c/config.json").is_file()
+
+
+def test_resume_leaves_out_per_invocation_flags_and_fields_the_stage_no_longer_has(smoke, tmp_path):
+    """A resumed config takes the saved fields the config class still has, never --compile and the like."""
+    saved = {**dataclasses.asdict(smoke), "width": 24, "compile": True, "dropped_flag": 3}
+    save_checkpoint({"stage": "00_toy", "config": saved}, tmp_path / "00_toy/r/ckpt.pt")
+    cfg = parse_config(toy_train.TrainConfig, toy_train.PRESETS, "00_toy", ["--resume", "auto", "--run-name", "r"])
+    assert cfg.width == 24 and not cfg.compile and cfg.preset == "smoke"
+    assert not hasattr(cfg, "dropped_flag")
+
+
+def test_restore_returns_the_step_reached_and_refuses_weights_of_another_shape(smoke, tmp_path):
+    """restore() gives the resumed step (0 for a new run); a checkpoint of another architecture is a UserError."""
+    with Run("00_toy", dataclasses.replace(smoke, run_name="r", steps=3)) as run:
+        assert run.restore(model=torch.nn.Linear(2, 2)) == 0
+        for step in run.steps():
+            run.log(step, loss=1.0)
+        run.save_checkpoint(model=torch.nn.Linear(2, 2))
+    resume = dataclasses.replace(smoke, run_name="r", resume="auto", steps=5)
+    with Run("00_toy", resume) as run:
+        assert run.restore(model=torch.nn.Linear(2, 2)) == 3 == run.step
+    with pytest.raises(UserError, match="does not fit this configuration \\(size mismatch for weight"):
+        with Run("00_toy", resume) as run:
+            run.restore(model=torch.nn.Linear(2, 3))
+
+
+def test_a_finished_run_can_be_resumed_with_the_same_steps_and_trains_no_further(smoke, tmp_path):
+    """--steps equal to the step a checkpoint reached is allowed (only a lower one is refused): nothing to do."""
+    toy_train.main(dataclasses.replace(smoke, run_name="f", steps=3))
+    run = toy_train.main(dataclasses.replace(smoke, run_name="f", steps=3, resume="auto"))
+    assert run.step == 3 and run.stop_reason == ""
+    assert [r["step"] for r in _rows(tmp_path / "00_toy/f")] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_another_world_size_resumes_with_fresh_noise_and_window(smoke, tmp_path, capsys):
+    """A 2-process checkpoint resumed on one: the RNG is reseeded (said so) and the saved windows are dropped."""
+    toy_train.main(dataclasses.replace(smoke, run_name="w", log_every=4, stop_at=13))
+    path = tmp_path / "00_toy/w/ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    window = {"sums": {"loss": 1000.0}, "counts": {"loss": 1}}  # no loss of the toy comes near it
+    ckpt.update(world_size=2, rng_ranks=[ckpt["rng"]] * 2, log_window=window, log_window_ranks=[window] * 2)
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    toy_train.main(dataclasses.replace(smoke, run_name="w", log_every=4, resume="auto"))
+    assert "resuming a 2-process run on 1: training continues" in capsys.readouterr().out
+    rows = _rows(tmp_path / "00_toy/w")
+    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24, 28, 30] and all(r["loss"] < 100 for r in rows)
+    saved = torch.load(path, weights_only=True)
+    assert saved["world_size"] == 1 and "rng_ranks" not in saved and "log_window_ranks" not in saved
+
+
+def test_the_resume_hint_comes_only_after_an_early_stop_and_repeats_compile(smoke, capsys):
+    """A finished run prints no 'continue with'; a stopped one's hint repeats --compile and --device."""
+    with Run("00_toy", dataclasses.replace(smoke, run_name="done", steps=2)) as run:
+        for step in run.steps():
+            run.log(step, loss=1.0)
+    assert "continue with" not in capsys.readouterr().out
+    with Run("00_toy", dataclasses.replace(smoke, run_name="stop", steps=5, stop_at=1, compile=True)) as run:
+        for step in run.steps():
+            run.log(step, loss=1.0)
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("/00_toy/stop/ckpt.pt --compile --device cpu")
+
+
+def test_a_second_signal_aborts_and_the_handlers_are_put_back(smoke):
+    """The first SIGTERM/SIGINT asks for a clean stop (keeping an earlier reason), the second raises
+    KeyboardInterrupt; after the run the previous handlers are back."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with Run("00_toy", dataclasses.replace(smoke, steps=5, stop_at=1)) as run:
+            for _ in run.steps():
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)  # a signal while the stopped run saves
+            seen.append(run.stop_reason)
+            os.kill(os.getpid(), signal.SIGINT)
+            seen.append("not aborted")
+    assert seen == ["--stop-at 1"]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_every_skips_the_last_step_which_the_end_of_training_handles(smoke):
+    """run.every(n, step): every n-th step but the final one (saved and sampled anyway), never for n = 0."""
+    run = Run("00_toy", dataclasses.replace(smoke, steps=10))
+    assert [s for s in range(1, 11) if run.every(5, s)] == [5]
+    assert [s for s in range(1, 11) if run.every(3, s)] == [3, 6, 9] and not any(run.every(0, s) for s in range(11))
+
+
+def test_flush_writes_extra_values_and_an_infinite_loss_stops_the_run(smoke, tmp_path):
+    """flush(step, **extra) adds values such as a test score to the row; inf diverges as NaN does."""
+    with Run("00_toy", dataclasses.replace(smoke, run_name="fl", log_every=10)) as run:
+        run.log(1, loss=1.0)
+        run.log(2, loss=torch.tensor(2.0))
+        run.flush(2, test_acc=torch.tensor(0.5))
+        run.flush(3, fid=7)  # an evaluation between rows: a row of its own
+    rows = [{k: v for k, v in r.items() if k != "time"} for r in _rows(tmp_path / "00_toy/fl")]
+    assert rows == [{"step": 2, "loss": 1.5, "test_acc": 0.5}, {"step": 3, "fid": 7.0}]
+    with pytest.raises(TrainingDiverged, match="^loss = inf at step 1; no checkpoint yet$"):
+        with Run("00_toy", dataclasses.replace(smoke, run_name="inf")) as run:
+            run.log(1, loss=float("inf"))
+
+
+def test_a_run_folder_is_removed_only_after_an_early_user_error(smoke, tmp_path):
+    """A UserError before anything but config/metrics exists leaves no run; a divergence keeps its metrics, and a
+    UserError after a checkpoint keeps the run."""
+    with pytest.raises(TrainingDiverged):
+        toy_train.main(dataclasses.replace(smoke, run_name="div", ckpt_every=0, nan_at=3))
+    assert [r["step"] for r in _rows(tmp_path / "00_toy/div")] == [1, 2]  # what led up to the NaN
+    with pytest.raises(UserError, match="late"):
+        with Run("00_toy", dataclasses.replace(smoke, run_name="late")) as run:
+            run.save_checkpoint(model=torch.nn.Linear(1, 1))
+            raise UserError("late")
+    assert (tmp_path / "00_toy/late/ckpt.pt").is_file()
+
+
+def test_a_compiled_model_is_saved_under_the_plain_modules_keys(smoke, tmp_path, monkeypatch):
+    """--compile wraps the model (torch.compile's OptimizedModule keeps it as _orig_mod); checkpoints hold the
+    plain module's state_dict keys, so a compiled and an eager run load each other's checkpoints."""
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper: importing dynamo takes seconds
+        def __init__(self, mod):
+            super().__init__()
+            self._orig_mod = mod
+
+    monkeypatch.setattr(torch, "compile", Compiled)
+    net = torch.nn.Linear(2, 2)
+    with Run("00_toy", dataclasses.replace(smoke, run_name="c", compile=True)) as run:
+        wrapped = run.wrap(net)
+        run.save_checkpoint(model=wrapped)
+    assert isinstance(wrapped, Compiled) and wrapped._orig_mod is net
+    assert sorted(torch.load(tmp_path / "00_toy/c/ckpt.pt", weights_only=True)["model"]) == ["bias", "weight"]
+
+
+def test_config_from_preset_refuses_an_unknown_preset():
+    """Tests and scripts build configs with config_from_preset: a misspelt preset is a UserError naming the list."""
+    with pytest.raises(UserError, match="unknown preset 'smok'; choose one of smoke, default, full"):
+        config_from_preset(toy_train.TrainConfig, toy_train.PRESETS, "smok")
+
+
+def test_boolean_flags_have_a_no_form_that_overrides_the_preset():
+    """Every bool field is --flag / --no-flag, so a preset's True can be turned off on the command line."""
+    presets = {**toy_train.PRESETS, "fast": dict(channels_last=True)}
+    assert parse_config(toy_train.TrainConfig, presets, "00_toy", ["--preset", "fast"]).channels_last
+    cfg = parse_config(toy_train.TrainConfig, presets, "00_toy", ["--preset", "fast", "--no-channels-last", "--amp"])
+    assert not cfg.channels_last and cfg.amp
+
+
+def test_output_file_leaves_no_file_behind_and_keeps_an_existing_one(tmp_path):
+    """The write test of output_file creates nothing that was not there and truncates nothing that was."""
+    output_file(tmp_path / "new.npz", "--out")
+    assert not (tmp_path / "new.npz").exists()
+    (tmp_path / "old.npz").write_bytes(b"kept")
+    output_file(tmp_path / "old.npz", "--out")
+    assert (tmp_path / "old.npz").read_bytes() == b"kept"
+
+
+def test_sample_flags_are_checked_in_one_line(tmp_path, capsys):
+    """sample.py's flags: a bad --device is one line and exit code 2; --batch-size 0 and a non-.npz --out are
+    UserErrors."""
+    import argparse
+
+    from shared.cli import add_sample_args, check_sample_args
+
+    parser = add_sample_args(argparse.ArgumentParser())
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--device", "tpu"])
+    assert exit_.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    check_sample_args(parser.parse_args(["--batch-size", "1", "--out", str(tmp_path / "s.npz")]))
+    with pytest.raises(UserError, match="--batch-size must be positive, got 0"):
+        check_sample_args(parser.parse_args(["--batch-size", "0"]))
+    with pytest.raises(UserError, match="--out must name a .npz file, got 's.png'"):
+        check_sample_args(parser.parse_args(["--out", "s.png"]))
+
+
+def test_a_crash_inside_the_run_propagates_unchanged_and_logs_no_partial_row(smoke, tmp_path):
+    """Only a clean exit flushes the open window: an error mid-window is raised as is, even with a NaN pending."""
+    for loss in (1.0, float("nan")):
+        with pytest.raises(RuntimeError) as crash:
+            with Run("00_toy", dataclasses.replace(smoke, run_name=f"crash{loss}", log_every=10)) as run:
+                run.log(1, loss=loss)
+                raise RuntimeError("CUDA out of memory")
+        assert type(crash.value) is RuntimeError and str(crash.value) == "CUDA out of memory"
+        assert not (tmp_path / f"00_toy/crash{loss}/metrics.jsonl").exists()
+
+
+def test_low_precision_losses_are_averaged_in_float32(smoke, tmp_path):
+    """A bf16 loss (as --amp gives) is summed in float32: 300 ones average to 1, not to bf16's saturated 256/300."""
+    with Run("00_toy", dataclasses.replace(smoke, run_name="bf16", log_every=300)) as run:
+        for step in range(1, 301):
+            run.log(step, loss=torch.tensor(1.0, dtype=torch.bfloat16))
+    assert _rows(tmp_path / "00_toy/bf16")[0]["loss"] == 1.0
+
+
+def test_a_run_without_a_name_is_named_by_preset_date_and_time(smoke, tmp_path):
+    """--run-name's default: <preset>-<date>-<time>, so that runs of a stage sort by when they started."""
+    run = Run("00_toy", smoke)
+    assert run.dir.parent == tmp_path / "00_toy" and re.fullmatch(r"smoke-\d{8}-\d{6}", run.dir.name)
+
+
+def test_help_lists_the_presets_flags_in_one_column():
+    """--help's epilog: one line per preset, its flags starting in the same column whatever the name's length."""
+    epilog = build_parser(toy_train.TrainConfig, {"s": dict(steps=3), "longer": dict(lr=0.5)}, "").epilog
+    assert epilog.splitlines() == ["presets:", "  s      --steps 3", "  longer --lr 0.5"]
