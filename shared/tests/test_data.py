@@ -127,3 +127,66 @@ def test_loader_needs_exactly_one_full_batch_and_a_positive_batch_size():
         make_loader(TensorImages(images, labels), batch_size=9)
     with pytest.raises(UserError, match="--batch-size must be positive, got 0"):
         make_loader(TensorImages(images, labels), batch_size=0)
+
+
+def test_synthetic_test_split_is_a_smaller_set_of_its_own():
+    """The synthetic dataset has 512 train and 128 test images, drawn from different seeds."""
+    train, train_labels = load_images("synthetic", train=True)
+    test, test_labels = load_images("synthetic", train=False)
+    assert train.shape == (512, 1, 28, 28) and test.shape == (128, 1, 28, 28) and test.dtype == torch.uint8
+    assert not torch.equal(test, train[:128]) and not torch.equal(test_labels, train_labels[:128])
+
+
+def test_synthetic_bars_lie_at_the_class_angle_and_are_three_or_four_pixels_wide():
+    """Class c's bar is oriented at c * pi / 10 (mean over images, second moments) and ~0.24 wide (3-4 pixels)."""
+    images, labels = data.synthetic_images(500)
+    w = (images[:, 0] > 0).float()  # (n, H, W)
+    coords = torch.linspace(-1, 1, 28)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    mass = w.sum((1, 2))
+    mx, my = (w * xx).sum((1, 2)) / mass, (w * yy).sum((1, 2)) / mass
+    dx, dy = xx - mx[:, None, None], yy - my[:, None, None]
+    cxx, cyy, cxy = ((w * dx * dx).sum((1, 2)), (w * dy * dy).sum((1, 2)), (w * dx * dy).sum((1, 2)))
+    doubled = torch.polar(torch.ones(len(w)), torch.atan2(2 * cxy, cxx - cyy))  # orientation, as an angle mod pi
+    for c in range(10):
+        mean = (torch.angle(doubled[labels == c].mean()) / 2) % torch.pi
+        assert abs(mean.item() - c * torch.pi / 10) < 0.05, c
+    widths = w[labels == 0][:, :, 14].sum(1)  # class 0: a horizontal bar, crossed by the middle column
+    assert set(widths.tolist()) <= {3.0, 4.0}
+    assert data.synthetic_images(3, size=16)[0].shape == (3, 1, 16, 16)
+
+
+def test_loader_drops_the_last_partial_batch():
+    """42 images in batches of 8: five full batches an epoch, the two left over never read."""
+    images, _ = data.synthetic_images(42)
+    loader = make_loader(TensorImages(images, torch.arange(42)), batch_size=8)
+    stream = batches_from(loader)
+    assert len(loader) == 5 and all(len(next(stream)[1]) == 8 for _ in range(11))
+
+
+def test_loader_leaves_the_global_rng_alone():
+    """Iterating the loader draws nothing from torch's global RNG (it has its own generator)."""
+    images, labels = data.synthetic_images(16)
+    loader = make_loader(TensorImages(images, labels), batch_size=8)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    stream = batches_from(loader)
+    for _ in range(5):
+        next(stream)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_ranks_read_disjoint_shards_with_no_padding(monkeypatch):
+    """Under DDP (2 ranks, faked) with 43 images, batch 2: each rank reads 10 batches of its own, an epoch covers
+    40 distinct images, none padded in twice to even the shards out."""
+    images, _ = data.synthetic_images(43)
+    monkeypatch.setattr(data.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(data.dist, "get_world_size", lambda: 2)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setattr(data.dist, "get_rank", lambda rank=rank: rank)
+        loader = make_loader(TensorImages(images, torch.arange(43)), batch_size=2, seed=5)
+        stream = batches_from(loader)
+        assert len(loader) == 10
+        seen += [i for _ in range(10) for i in next(stream)[1].tolist()]
+    assert len(seen) == 40 == len(set(seen))

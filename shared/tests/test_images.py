@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.images import plot_curves, save_gif, save_grid, save_samples_npz, to_uint8
+from shared.images import plot_curves, read_metrics, save_gif, save_grid, save_samples_npz, to_uint8
 
 
 def test_to_uint8_maps_the_range_and_clamps():
@@ -55,3 +55,32 @@ def test_grid_maps_the_value_range_and_pads_white(tmp_path):
         assert grid.shape == (4 + 4, 3 * 6 + 2), name
         assert [int(grid[4, 2 + 6 * i + 2]) for i in range(3)] == [0, 128, 255], name  # each image's centre
         assert (grid[:2] == 255).all() and (grid[:, :2] == 255).all(), name  # the padding
+
+
+def test_grid_padding_is_the_one_asked_for(tmp_path):
+    """padding=0 packs 2 x 2 images of 28 pixels into exactly 56 x 56."""
+    path = save_grid(torch.zeros(4, 1, 28, 28), tmp_path / "grid.png", nrow=2, padding=0)
+    assert Image.open(path).size == (56, 56)
+
+
+def test_gif_frames_have_the_asked_layout_and_timing(tmp_path):
+    """Four images at nrow=2 make a 2 x 2 grid (62 x 62 with 2-pixel padding); each frame lasts ms_per_frame."""
+    frames = [torch.full((4, 1, 28, 28), v) for v in (-1.0, 1.0)]  # distinct frames: PIL merges equal ones
+    gif = Image.open(save_gif(frames, tmp_path / "t.gif", nrow=2, ms_per_frame=250))
+    assert gif.size == (2 * 30 + 2, 2 * 30 + 2) and gif.info["duration"] == 250 and gif.info["loop"] == 0
+
+
+def test_samples_npz_maps_the_value_range_and_stores_labels_as_int64(tmp_path):
+    """Floats in (0, 1) map 0.5 to 128 when value_range=(0, 1); int32 labels are stored as int64."""
+    path = save_samples_npz(tmp_path / "s.npz", torch.full((2, 1, 2, 2), 0.5), torch.tensor([3, 4], dtype=torch.int32),
+                            value_range=(0.0, 1.0))
+    with np.load(path) as f:
+        assert (f["images"] == 128).all() and f["labels"].dtype == np.int64
+
+
+def test_curves_leave_out_step_and_time_and_metrics_skip_blank_lines(tmp_path):
+    """One panel per scalar other than step and time (360 pixels wide each); blank metrics lines are skipped."""
+    rows = [{"step": s, "loss": 1 / s, "time": 0.1 * s, "note": "text"} for s in range(1, 5)]
+    assert Image.open(plot_curves(rows, tmp_path / "loss.png")).size[0] == 360
+    (tmp_path / "m.jsonl").write_text('{"step": 1}\n\n  \n{"step": 2}\n')
+    assert read_metrics(tmp_path / "m.jsonl") == [{"step": 1}, {"step": 2}] and read_metrics(tmp_path / "no") == []

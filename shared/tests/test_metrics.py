@@ -17,6 +17,8 @@ from shared.metrics import (
     REFERENCE,
     SIGMA_GRID,
     _sha256,
+    as_images,
+    as_labels,
     evaluate,
     frechet_distance,
     gaussian_stats,
@@ -474,3 +476,82 @@ def test_distances_ignore_a_training_runs_tf32_setting(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(before)
     assert len(precisions) >= 3 and set(precisions) == {"highest"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Edges the other tests leave open
+# --------------------------------------------------------------------------------------------------------
+
+def test_evaluate_needs_more_than_k_images_and_takes_fractions_of_digits_as_mistakes():
+    """k = 3 nearest neighbours need at least 4 images; labels must be whole digits (2.5 is refused, 2.0 is 2)."""
+    with pytest.raises(UserError, match="need more than 3 images to evaluate, got 3"):
+        as_images(np.zeros((3, 28, 28), np.uint8))
+    assert as_images(np.zeros((4, 28, 28), np.uint8)).shape == (4, 1, 28, 28)
+    with pytest.raises(UserError, match=r"such as \[2.5\]"):
+        as_labels(np.array([1.0, 2.5]), 2)
+    assert as_labels(np.array([9.0, 2.0]), 2).tolist() == [9, 2]
+
+
+def test_histogram_has_ten_bins_and_confidence_is_a_probability(mnist):
+    """Samples all of digit 0 still give a 10-bin histogram; the confidence is a mean softmax probability."""
+    train, labels, _, _ = mnist
+    zeros = train[labels == 0][:8]
+    result = evaluate(zeros)
+    assert len(result["class_histogram"]) == 10 and result["class_histogram"][0] == 1.0
+    assert 0.9 < result["confidence"] <= 1.0
+
+
+def test_parzen_evaluation_reports_the_real_data_reference():
+    """evaluate(parzen=True) reports beside the samples' LL the cached LL of real train[:10000]."""
+    noise = torch.randint(0, 256, (8, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    result = evaluate(noise, parzen=True)
+    assert result["parzen_ll_real"] == pytest.approx(float(reference("cpu")["parzen_real"]["ll"]))
+    assert result["parzen_ll"] < result["parzen_ll_real"] and result["parzen_sigma"] in SIGMA_GRID
+
+
+def test_real_features_cache_serves_a_longer_range_anew():
+    """A cached shorter range does not cut a longer request short: features of [start:stop] have stop - start rows."""
+    short = real_features("test", 1234, 1236)
+    longer = real_features("test", 1234, 1240)
+    assert short.shape == (2, 128) and longer.shape == (6, 128) and torch.allclose(longer[:2], short, atol=1e-4)
+
+
+def test_knn_radii_of_duplicates_far_from_the_origin_are_near_zero_not_nan():
+    """Points repeated 4 times have their 3rd neighbour at ~0 (float32 cancellation), never NaN where
+    |a|^2 + |b|^2 - 2ab rounds below 0."""
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(0)) * 100 + 1000  # |x|^2 ~ 1.6e7
+    radii = knn_radii(torch.cat([x] * 4))
+    assert torch.isfinite(radii).all() and radii.max() < 3
+
+
+def test_sigma_grid_is_goodfellows_ten_log_spaced_values():
+    """Goodfellow et al. 2014's grid: 10 values, log-spaced from 0.1 to 1."""
+    assert len(SIGMA_GRID) == 10 and SIGMA_GRID[0] == pytest.approx(0.1) and SIGMA_GRID[-1] == pytest.approx(1.0)
+    assert np.allclose(np.diff(np.log(SIGMA_GRID)), np.log(10) / 9)
+
+
+def test_missing_classifier_weights_say_how_to_train_them(tmp_path):
+    """A missing weights file is a UserError naming the command that makes it."""
+    with pytest.raises(UserError, match="train them with `python -m shared.classifier --export"):
+        load_classifier(path=tmp_path / "none.pt")
+
+
+def test_evaluate_table_and_sources_name_their_edges():
+    """mnist-train:A:A is refused (A < B); a sigma at the grid's edge is flagged in the table."""
+    from shared.evaluate import format_table, read_samples
+
+    with pytest.raises(UserError, match="0 <= A < B"):
+        read_samples("mnist-train:5:5")
+    result = {"num_samples": 4, "fid": 1.0, "fid_floor": 1.0, "precision": 1.0, "recall": 1.0, "confidence": 1.0,
+              "class_histogram": [0.1] * 10, "parzen_ll": 1.0, "parzen_se": 0.1}
+    assert "at the edge of the grid" in format_table({**result, "parzen_sigma": max(SIGMA_GRID)})
+    assert "at the edge of the grid" not in format_table({**result, "parzen_sigma": SIGMA_GRID[4]})
+
+
+def test_frechet_of_identical_gaussians_is_never_negative():
+    """Round-off can leave d^2 = -3e-13 for identical statistics (seed 3 here); the distance is clipped to >= 0."""
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        a = rng.normal(size=(8, 8))
+        s, m = a @ a.T + 0.1 * np.eye(8), rng.normal(size=8)
+        assert 0.0 <= frechet_distance(m, s, m, s) < 1e-8, seed

@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from shared import UserError
+from shared import UserError, runtime
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.classifier import MNISTClassifier, predict
 from shared.runtime import (
+    Dist,
     allow_tf32,
     autocast,
     choose_device,
+    ddp_setup,
     full_float32,
+    print0,
+    rank_seed,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -136,3 +140,47 @@ def test_rng_state_keeps_the_cached_gaussians(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "ckpt.pt")["rng"])
     got = random.gauss(0.0, 1.0), float(np.random.randn()), torch.randn(3)
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_rank_seeds_are_mixed_not_added():
+    """rank_seed(seed, rank) is SeedSequence([seed, rank]): (3, 1) and (4, 0) differ, as seed + rank would not."""
+    assert rank_seed(3, 1) == int(np.random.SeedSequence([3, 1]).generate_state(1)[0])
+    assert rank_seed(3, 1) != rank_seed(4, 0) and rank_seed(3, 0) != rank_seed(3, 1)
+
+
+def test_one_process_is_not_distributed(monkeypatch):
+    """WORLD_SIZE=1 under torchrun, like no torchrun at all, is one process: no process group, DDP off."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert ddp_setup("cpu") == Dist() and not torch.distributed.is_initialized()
+    assert not Dist().enabled and Dist(0, 2).enabled and Dist().is_main and not Dist(1, 2).is_main
+
+
+def test_an_unavailable_mps_is_one_clear_error(monkeypatch):
+    """--device mps on a machine without Apple's MPS is a UserError, not a torch failure later."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no Apple MPS device"):
+        choose_device("mps")
+
+
+def test_autocast_is_bf16_on_cuda_only_when_enabled():
+    """autocast(cuda, False) is a no-op context; autocast(cuda, True) is torch's bf16 autocast."""
+    import contextlib
+    import warnings
+
+    assert isinstance(autocast(torch.device("cuda"), enabled=False), contextlib.nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that it disables autocast
+        on = autocast(torch.device("cuda"), enabled=True)
+    assert isinstance(on, torch.autocast) and on.fast_dtype == torch.bfloat16
+
+
+def test_print0_prints_on_rank_0_only(monkeypatch, capsys):
+    """Under DDP only rank 0 prints; without a process group, the one process does."""
+    print0("alone")
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: True)
+    for rank in (1, 0):
+        monkeypatch.setattr(runtime.dist, "get_rank", lambda rank=rank: rank)
+        print0(f"rank {rank}")
+    assert capsys.readouterr().out == "alone\nrank 0\n"

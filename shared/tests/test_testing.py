@@ -137,3 +137,11 @@ def test_the_checkpoint_comparisons_see_every_difference():
 def test_without_resume_drops_the_flag_and_its_value():
     assert without_resume(["--resume", "x.pt", "--steps", "3"]) == ["--steps", "3"]
     assert without_resume(["--steps", "3", "--resume=auto"]) == ["--steps", "3"]
+
+
+def test_the_comparisons_see_a_longer_list_or_an_extra_nested_key():
+    """A list with one more entry, or a nested dict with one more key, is a difference (no zip truncation)."""
+    assert not _same([torch.ones(1)], [torch.ones(1), torch.ones(1)]) and not _same([1, 2], [1])
+    assert not _same({"a": 1}, {"a": 1, "b": 2}) and not _same({"a": 1, "b": 2}, {"a": 1})
+    a = {"rng": {"torch": torch.arange(3)}, "step": 5}
+    assert same_training(a, {**a, "rng": {"torch": torch.arange(3), "cuda": torch.arange(2)}}) == ["rng"]
