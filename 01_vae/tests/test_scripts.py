@@ -8,11 +8,11 @@ import pytest
 import torch
 import train
 from model import VAE, VAEConfig, vae_config
+from test_vae import smoke_cfg
 from torchvision.io import read_image
 
 from shared import UserError
 from shared.checkpoint import provenance, save_checkpoint
-from shared.cli import config_from_preset
 from shared.images import save_grid, to_uint8
 
 
@@ -180,10 +180,6 @@ def test_figures_main_draws_the_seeds_prior_samples_and_test_images_under_the_pr
 
 
 # ------------------------------------------------------------------------------------------ train.py's flags
-def smoke_cfg(**kw):
-    return config_from_preset(train.TrainConfig, train.PRESETS, "smoke", device="cpu", **kw)
-
-
 def test_latent_samples_init_std_eval_examples_and_seed_reach_the_run(tmp_path, monkeypatch):
     """--latent-samples is the L of every training step's SGVB estimate, --init-std the std of the weights the
     run starts from, --eval-examples the number of test images the ELBO is measured on, whose noise is seeded by

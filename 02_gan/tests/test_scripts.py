@@ -7,16 +7,12 @@ import pytest
 import torch
 import train
 from model import GANConfig, build_gan, model_config, sample_noise
-from train import PRESETS, STAGE, TrainConfig, main, make_optimizer
+from test_train import smoke
+from train import STAGE, TrainConfig, main, make_optimizer
 
 from shared.checkpoint import provenance, save_checkpoint
-from shared.cli import config_from_preset
 from shared.data import load_images, to_unit
 from shared.images import to_uint8
-
-
-def smoke(**overrides):
-    return config_from_preset(TrainConfig, PRESETS, "smoke", device="cpu", **overrides)
 
 
 def gan_checkpoint(path, arch="mlp"):
