@@ -26,10 +26,6 @@ def vae_checkpoint(path, z_dim=3, weights=True):
     return save_checkpoint(payload, path), model.eval()
 
 
-def pixels(path):
-    return read_image(str(path))
-
-
 # ------------------------------------------------------------------------------------------------- sample.py
 def test_sample_main_writes_the_seeds_decoder_means_as_uint8_and_a_64_image_grid(tmp_path):
     """--seed picks the z of the .npz, whose uint8 pixels are 255 x the Bernoulli means; the grid is 8 x 8."""
@@ -42,7 +38,7 @@ def test_sample_main_writes_the_seeds_decoder_means_as_uint8_and_a_64_image_grid
     expected = to_uint8(sample.sample_prior(model, 70, 70, seed=3), (0.0, 1.0)).numpy()
     assert np.array_equal(images, expected)
     assert not np.array_equal(run(4, "b.npz"), images)  # another seed, other samples
-    assert pixels(tmp_path / "a.png").shape[1:] == (2 + 8 * 30, 2 + 8 * 30)  # the first 64 of 70, 8 x 8 tiles
+    assert read_image(tmp_path / "a.png").shape[1:] == (2 + 8 * 30, 2 + 8 * 30)  # the first 64 of 70, 8 x 8 tiles
 
 
 def test_a_checkpoint_without_weights_is_a_user_error(tmp_path):
@@ -176,7 +172,7 @@ def test_figures_main_draws_the_seeds_prior_samples_and_test_images_under_the_pr
             "p_reconstructions.png": save_grid(figures.reconstructions(model, x[:32]), tmp_path / "c.png", nrow=16,
                                                **grid)}
     for name, ref in refs.items():
-        assert torch.equal(pixels(tmp_path / "f" / name), pixels(ref)), name
+        assert torch.equal(read_image(tmp_path / "f" / name), read_image(ref)), name
 
 
 # ------------------------------------------------------------------------------------------ train.py's flags
@@ -214,7 +210,7 @@ def test_latent_samples_init_std_eval_examples_and_seed_reach_the_run(tmp_path, 
     z = torch.randn(64, model.cfg.z_dim, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = save_grid(torch.sigmoid(model.decode(z)), tmp_path / "ref.png", value_range=(0.0, 1.0))
-    assert torch.equal(pixels(run / "samples" / "final.png"), pixels(ref))
+    assert torch.equal(read_image(run / "samples" / "final.png"), read_image(ref))
 
 
 def test_checkpoints_come_every_ckpt_every_steps_and_samples_every_sample_every(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 import train
 from diffusion import Diffusion, discretized_gaussian_log_likelihood, normal_kl
 from model import build_unet
+from test_diffusion import _some_eps_theta
 
 from shared.checkpoint import provenance, save_checkpoint
 from shared.cli import config_from_preset
@@ -20,14 +21,6 @@ from shared.images import to_uint8
 
 T = 10
 CFG = dict(model="tiny", dropout=0.0, timesteps=T, schedule="linear", beta_1=1e-4, beta_T=0.02)
-
-
-def _eps_theta(d):
-    """A cheap, nonlinear, t-dependent stand-in for the U-Net whose x_hat_0 often leaves [-1, 1]."""
-    def eps_theta(x, t):
-        ab = d.alpha_bar[t].to(x.dtype).reshape(-1, 1, 1, 1)
-        return (1 - ab).sqrt() * torch.tanh(1.5 * x) + 0.1 * torch.sin(3 * x)
-    return eps_theta
 
 
 def _unet(seed):
@@ -53,7 +46,7 @@ def test_generate_is_batches_of_the_sampler_from_one_seeded_generator(sampler):
     """generate = the sampler with its steps, eta and variance, on batches of at most batch_size, all drawn from
     one generator seeded with seed: n = 5 in batches of 3 is the sampler on 3 then on 2 images."""
     d = Diffusion(T=T)
-    eps_theta = _eps_theta(d)
+    eps_theta = _some_eps_theta(d)
     got = sample.generate(eps_theta, d, 5, sampler, steps=3, eta=0.7, var="beta_tilde", batch_size=3, seed=4)
     g = torch.Generator().manual_seed(4)
     if sampler == "ddim":
@@ -212,7 +205,7 @@ def test_interpolation_decodes_slerp_paths_from_end_to_end_with_deterministic_dd
 
     monkeypatch.setattr(Diffusion, "sample_ddim", spy)
     monkeypatch.setattr(figures, "save_grid", lambda *a, **k: None)
-    figures.interpolation(_eps_theta(Diffusion(T=T)), Diffusion(T=T), tmp_path / "i.png", pairs=2, n=5, S=3)
+    figures.interpolation(_some_eps_theta(Diffusion(T=T)), Diffusion(T=T), tmp_path / "i.png", pairs=2, n=5, S=3)
     (kw,) = calls
     assert kw["S"] == 3 and kw["eta"] == 0.0
     x_T = kw["x_T"].view(2, 5, 1, 28, 28)
@@ -229,7 +222,7 @@ def test_interpolation_decodes_slerp_paths_from_end_to_end_with_deterministic_dd
 def test_draw_samples_is_seeded_deterministic_ddim_on_sample_steps_capped_at_T():
     """The training grids: DDIM with eta = 0 on min(--sample-steps, T) steps, noise from a generator seeded --seed."""
     d = Diffusion(T=T)
-    eps_theta = _eps_theta(d)
+    eps_theta = _some_eps_theta(d)
     for sample_steps, S in ((3, 3), (25, T)):
         cfg = SimpleNamespace(seed=5, sample_steps=sample_steps, timesteps=T)
         got = train.draw_samples(d, eps_theta, cfg, "cpu", n=2)
@@ -284,7 +277,7 @@ def test_clip_false_leaves_x0_hat_unclipped_in_both_samplers():
     """clip=False: each traced x_hat_0 is Eq. (4) solved for x_0, unclamped (and some leave [-1, 1]); DDPM steps to
     the Eq. (11) mean."""
     d = Diffusion(T=T)
-    eps_theta = _eps_theta(d)
+    eps_theta = _some_eps_theta(d)
     x_T = 2 * torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     for run in (lambda tr: d.sample_ddpm(eps_theta, x_T.shape, clip=False, x_T=x_T, trace=tr),
                 lambda tr: d.sample_ddim(eps_theta, x_T.shape, S=4, eta=0.0, clip=False, x_T=x_T, trace=tr)):

@@ -30,6 +30,7 @@ from shared.cli import (
     validate,
 )
 from shared.experiment import Run, find_checkpoint, resolve_resume
+from shared.images import read_metrics
 from shared.testing import checkpoints_equal, run_interrupted_and_straight, run_script, same_training
 
 TOY = Path(toy_train.__file__)
@@ -431,10 +432,6 @@ def test_a_run_on_cuda_allows_tf32(smoke, monkeypatch):
         torch.set_float32_matmul_precision(before)
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_resuming_a_checkpoint_without_a_row_count_cuts_the_metrics_at_its_step(smoke, tmp_path):
     """A checkpoint from before ``metrics_rows`` was saved: rows logged after its step are dropped, the rest kept."""
     toy_train.main(dataclasses.replace(smoke, run_name="old", stop_at=13))
@@ -445,7 +442,7 @@ def test_resuming_a_checkpoint_without_a_row_count_cuts_the_metrics_at_its_step(
     with open(run_dir / "metrics.jsonl", "a") as f:  # what the run logged after this checkpoint, before it died
         f.writelines(json.dumps({"step": step, "loss": 99.0}) + "\n" for step in (14, 15))
     toy_train.main(dataclasses.replace(smoke, run_name="old", resume="auto"))
-    rows = _rows(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 31)) and all(r["loss"] != 99.0 for r in rows)
     assert torch.load(run_dir / "ckpt.pt", weights_only=True)["metrics_rows"] == 30
 
@@ -549,7 +546,7 @@ def test_a_finished_run_can_be_resumed_with_the_same_steps_and_trains_no_further
     toy_train.main(dataclasses.replace(smoke, run_name="f", steps=3))
     run = toy_train.main(dataclasses.replace(smoke, run_name="f", steps=3, resume="auto"))
     assert run.step == 3 and run.stop_reason == ""
-    assert [r["step"] for r in _rows(tmp_path / "00_toy/f")] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path / "00_toy/f/metrics.jsonl")] == [1, 2, 3]
 
 
 def test_a_checkpoint_of_another_world_size_resumes_with_fresh_noise_and_window(smoke, tmp_path, capsys):
@@ -563,7 +560,7 @@ def test_a_checkpoint_of_another_world_size_resumes_with_fresh_noise_and_window(
     capsys.readouterr()
     toy_train.main(dataclasses.replace(smoke, run_name="w", log_every=4, resume="auto"))
     assert "resuming a 2-process run on 1: training continues" in capsys.readouterr().out
-    rows = _rows(tmp_path / "00_toy/w")
+    rows = read_metrics(tmp_path / "00_toy/w/metrics.jsonl")
     assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24, 28, 30] and all(r["loss"] < 100 for r in rows)
     saved = torch.load(path, weights_only=True)
     assert saved["world_size"] == 1 and "rng_ranks" not in saved and "log_window_ranks" not in saved
@@ -612,7 +609,7 @@ def test_flush_writes_extra_values_and_an_infinite_loss_stops_the_run(smoke, tmp
         run.log(2, loss=torch.tensor(2.0))
         run.flush(2, test_acc=torch.tensor(0.5))
         run.flush(3, fid=7)  # an evaluation between rows: a row of its own
-    rows = [{k: v for k, v in r.items() if k != "time"} for r in _rows(tmp_path / "00_toy/fl")]
+    rows = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path / "00_toy/fl/metrics.jsonl")]
     assert rows == [{"step": 2, "loss": 1.5, "test_acc": 0.5}, {"step": 3, "fid": 7.0}]
     with pytest.raises(TrainingDiverged, match="^loss = inf at step 1; no checkpoint yet$"):
         with Run("00_toy", dataclasses.replace(smoke, run_name="inf")) as run:
@@ -624,7 +621,7 @@ def test_a_run_folder_is_removed_only_after_an_early_user_error(smoke, tmp_path)
     UserError after a checkpoint keeps the run."""
     with pytest.raises(TrainingDiverged):
         toy_train.main(dataclasses.replace(smoke, run_name="div", ckpt_every=0, nan_at=3))
-    assert [r["step"] for r in _rows(tmp_path / "00_toy/div")] == [1, 2]  # what led up to the NaN
+    assert [r["step"] for r in read_metrics(tmp_path / "00_toy/div/metrics.jsonl")] == [1, 2]  # what led up to the NaN
     with pytest.raises(UserError, match="late"):
         with Run("00_toy", dataclasses.replace(smoke, run_name="late")) as run:
             run.save_checkpoint(model=torch.nn.Linear(1, 1))
@@ -706,7 +703,7 @@ def test_low_precision_losses_are_averaged_in_float32(smoke, tmp_path):
     with Run("00_toy", dataclasses.replace(smoke, run_name="bf16", log_every=300)) as run:
         for step in range(1, 301):
             run.log(step, loss=torch.tensor(1.0, dtype=torch.bfloat16))
-    assert _rows(tmp_path / "00_toy/bf16")[0]["loss"] == 1.0
+    assert read_metrics(tmp_path / "00_toy/bf16/metrics.jsonl")[0]["loss"] == 1.0
 
 
 def test_a_run_without_a_name_is_named_by_preset_date_and_time(smoke, tmp_path):
