@@ -4,29 +4,38 @@ for the results table into one folder (the device tool brings back at most 8 fil
 travel as one .tar.gz).
 
     python3 benchmarks/gpu_full.py --out $OUT 04_dit:2.5 03_ddpm:2 02_gan:1.5:dcgan-full   # on the GPU machine
+    python3 benchmarks/gpu_full.py --out $OUT --parallel --reserve-minutes 4 01_vae:5 02_gan:5:dcgan-full ...
     python benchmarks/gpu_full.py --out /tmp/g --preset smoke --device cpu --num-samples 100 01_vae:0.2
 
-`STAGE:MINUTES[:PRESET]` trains STAGE (under PRESET instead of `--preset`) with `--max-minutes MINUTES` (the
-run stops cleanly, checkpoints and samples, as at a normal end); the summary records the step reached, the wall
-time, images/s and the evaluation's JSON.
+`STAGE:MINUTES[:PRESET[:FLAGS]]` trains STAGE (under PRESET instead of `--preset`, with FLAGS added to its
+train.py command) with `--max-minutes MINUTES` (the run stops cleanly, checkpoints and samples, as at a normal
+end); the summary records the step reached, the wall time, images/s and the evaluation's JSON.
+
+One after another, each stage has the GPU to itself. With `--parallel` all stages train at once and share it:
+five stages get five minutes each inside one command, and a model too small to keep the GPU busy leaves room
+for the others; each row's speed is then a lower bound on that stage's speed alone.
 
 The device tool stops a command after 10 minutes and returns at most 8 files of 16 MiB each, so the whole
-command keeps to `--budget-minutes` (training minutes plus about a minute per stage for start-up, sampling and
-scoring; a stage that would overrun trains for what is left), and a checkpoint too large to travel stays out
-of its stage's archive (the row says so; its metrics, logs and sample grids still come back).
+command keeps to `--budget-minutes` (training minutes plus `--reserve-minutes` per stage, or once with
+`--parallel`, for start-up, sampling and scoring; one after another, a stage that would overrun trains for
+what is left; a command still running at the end of the budget is killed), and a checkpoint too large to travel
+stays out of its stage's archive (the row says so; its metrics, logs, sample grids and the evaluated samples
+still come back).
 """
-
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 # This folder is on sys.path when a script here runs, and importing bench puts the repository root there too.
@@ -57,13 +66,18 @@ EVAL = {
 }
 
 
-def run(cmd: list[str], cwd: Path, log) -> float:
-    """Run one command from ``cwd`` with the repo importable; its output goes to ``log``; returns seconds."""
+def run(cmd: list[str], cwd: Path, log, env: dict | None = None, deadline: float | None = None) -> float:
+    """Run one command from ``cwd`` with the repo importable and ``env`` added; its output goes to ``log``;
+    returns seconds. A command still running at ``deadline`` (a ``time.monotonic()``) is killed."""
     t0 = time.monotonic()
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    timeout = None if deadline is None else max(1.0, deadline - t0)
+    try:
+        result = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(cmd)} was killed at the end of --budget-minutes") from None
     if result.returncode != 0:  # the log travels in an archive that may not come back: its end goes in the row
         log.flush()
         tail = Path(log.name).read_text(errors="replace").replace("\r", "\n").splitlines()[-15:]
@@ -103,81 +117,147 @@ def pack(folder: Path, archive: Path, leave_out: Path | None = None) -> Path:
     return archive
 
 
+def parse_run(spec: str) -> tuple[str, float, str, list[str]]:
+    """``STAGE:MINUTES[:PRESET[:FLAGS]]`` -> (stage, minutes, preset or "", train.py flags); a ValueError says
+    what is wrong."""
+    stage, minutes, preset, flags = (spec.split(":", 3) + ["", ""])[:4]
+    try:
+        minutes = float(minutes)
+    except ValueError:
+        minutes = math.nan
+    # train.py reads --max-minutes 0 as "no limit": a full preset's whole recipe, not a fixed budget
+    if stage not in EVAL or not 0 < minutes < math.inf:
+        raise ValueError(f"{spec!r}: expected STAGE:MINUTES[:PRESET[:FLAGS]] with STAGE one of {', '.join(EVAL)} "
+                         "and MINUTES a positive number")
+    return stage, minutes, preset, shlex.split(flags)
+
+
+def train_and_evaluate(stage: str, minutes: float, preset: str, flags: list[str], exp: Path, args,
+                       num_samples: int, deadline: float, env: dict) -> dict:
+    """One stage: train for ``minutes``, evaluate with ``num_samples``, pack ``exp`` into ``args.out``; the
+    summary row. Any failure is recorded in the row (the other stages' minutes are already paid for)."""
+    row = {"stage": stage, "preset": preset, "flags": " ".join(flags), "max_minutes": minutes, "amp": args.amp}
+    env = {**env, "SCRATCHGEN_EXPERIMENTS": str(exp)}
+    stage_dir, ckpt = ROOT / stage, exp / stage / "gpu" / "ckpt.pt"
+    exp.mkdir(parents=True, exist_ok=True)
+    with open(exp / "log.txt", "w") as log:
+        try:
+            train = [sys.executable, "train.py", "--preset", preset, "--run-name", "gpu", "--device", args.device,
+                     "--max-minutes", str(minutes), *(["--amp"] if args.amp else []), *flags]
+            row["train_seconds"] = round(run(train, stage_dir, log, env, deadline), 1)
+            config = json.loads((ckpt.parent / "config.json").read_text())
+            row["step"] = max(json.loads(line)["step"] for line in (ckpt.parent / "metrics.jsonl").open())
+            row["images_per_s"] = images_per_second(ckpt.parent / "metrics.jsonl", config["batch_size"])
+            fill = dict(ckpt=str(ckpt), n=str(num_samples), dev=args.device, json=str(exp / "eval.json"),
+                        npz=str(exp / "samples.npz"))
+            t_eval = 0.0
+            for cmd in EVAL[stage]:
+                # TF32 matrix products for drawing samples only; the metrics keep their full float32 features
+                tf32 = args.tf32_sampling and cmd[0] == "sample.py"
+                extra = {"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"} if tf32 else {}
+                t_eval += run([sys.executable, *(a.format(**fill) for a in cmd)], stage_dir, log, {**env, **extra},
+                              deadline)
+            row["eval_seconds"] = round(t_eval, 1)
+            row["eval_samples"] = num_samples
+            row["eval"] = json.loads((exp / "eval.json").read_text())
+        except Exception as err:
+            row["error"] = str(err)
+    try:  # a failure here must not cost the other stages' rows
+        if ckpt.is_file() and shrink_checkpoint(ckpt):
+            row["optimizer_states_dropped"] = True
+        if ckpt.is_file() and ckpt.stat().st_size > CKPT_LIMIT:
+            row["ckpt_left_out_mib"] = round(ckpt.stat().st_size / 2**20, 1)
+        elif (exp / "samples.npz").is_file():  # the checkpoint travels and reproduces them
+            (exp / "samples.npz").unlink()
+        pack(exp, args.out / f"{exp.name}.tar.gz", leave_out=ckpt if "ckpt_left_out_mib" in row else None)
+    except Exception as err:
+        row["pack_error"] = str(err)
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = one_line_error
-    parser.add_argument("runs", nargs="+", help="STAGE:MINUTES[:PRESET], e.g. 04_dit:4 or 02_gan:3:dcgan-full")
+    parser.add_argument("runs", nargs="+", help="STAGE:MINUTES[:PRESET[:FLAGS]], e.g. 04_dit:4, 02_gan:3:dcgan-full "
+                        "or '05_multimodal:5:full:--clip-steps 2000' (FLAGS go to train.py)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the summary and one .tar.gz per stage")
     parser.add_argument("--preset", default="full", help="the preset of runs that name none")
     parser.add_argument("--device", default="cuda", choices=DEVICES)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     parser.add_argument("--num-samples", type=int, default=10_000, help="samples (01: test images) to evaluate")
+    parser.add_argument("--samples", action="append", default=[], metavar="STAGE=N",
+                        help="another --num-samples for one stage, e.g. 01_vae=1000 (the k = 5000 bound costs 5000 "
+                        "decoder passes per test image)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train every stage at once on the one GPU (each its own minutes), then evaluate each")
     parser.add_argument("--budget-minutes", type=float, default=9.0,
-                        help="wall-clock minutes for the whole command (the device tool stops one after 10)")
+                        help="wall-clock minutes for the whole command (the device tool stops one after 10); "
+                        "a command still running then is killed")
+    parser.add_argument("--reserve-minutes", type=float, default=RESERVE_MINUTES,
+                        help="minutes per stage (with --parallel: in all) for start-up, sampling and scoring")
+    parser.add_argument("--tf32-sampling", action=argparse.BooleanOptionalAction, default=True,
+                        help="let sample.py's float32 matrix products use TF32 (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE)")
     args = parser.parse_args(argv)
     t_start = time.monotonic()
     # Everything checkable is checked here, before the first stage's training minutes are spent.
     if args.num_samples <= 0:
         parser.error(f"--num-samples must be positive, got {args.num_samples}")
+    per_stage = {}
+    for item in args.samples:
+        stage, _, n = item.partition("=")
+        if stage not in EVAL or not n.isdigit() or int(n) <= 0:
+            parser.error(f"--samples {item!r}: expected STAGE=N with STAGE one of {', '.join(EVAL)} and N positive")
+        per_stage[stage] = int(n)
     plans = []
     for spec in args.runs:
-        stage, minutes, preset = (spec.split(":") + ["", ""])[:3]
         try:
-            minutes = float(minutes)
-        except ValueError:
-            minutes = math.nan
-        # train.py reads --max-minutes 0 as "no limit": a full preset's whole recipe, not a fixed budget
-        if stage not in EVAL or not 0 < minutes < math.inf or spec.count(":") > 2:
-            parser.error(f"{spec!r}: expected STAGE:MINUTES[:PRESET] with STAGE one of {', '.join(EVAL)} and "
-                         "MINUTES a positive number")
-        plans.append((stage, minutes, preset or args.preset))
-    needed = sum(m for _, m, _ in plans) + RESERVE_MINUTES * len(plans)
+            stage, minutes, preset, flags = parse_run(spec)
+        except ValueError as err:
+            parser.error(str(err))
+        preset = preset or args.preset
+        name = stage if preset == args.preset else f"{stage}-{preset}"  # one stage may run under two presets
+        if name in [p[4] for p in plans]:
+            parser.error(f"{spec!r}: {name} runs twice; give the second run another preset")
+        plans.append((stage, minutes, preset, flags, name))
+    training = [m for _, m, _, _, _ in plans]
+    needed = max(training) + args.reserve_minutes if args.parallel else \
+        sum(training) + args.reserve_minutes * len(plans)
     if needed > args.budget_minutes:
-        parser.error(f"{sum(m for _, m, _ in plans):g} training minutes plus about {RESERVE_MINUTES:g} per stage for "
-                     f"sampling and scoring make {needed:g}, over --budget-minutes {args.budget_minutes:g}; "
-                     "train for less, or raise the budget where no 10-minute limit applies")
+        what = (f"the longest training's {max(training):g} minutes plus {args.reserve_minutes:g} for sampling and "
+                f"scoring" if args.parallel else f"{sum(training):g} training minutes plus about "
+                f"{args.reserve_minutes:g} per stage for sampling and scoring")
+        parser.error(f"{what} make {needed:g}, over --budget-minutes {args.budget_minutes:g}; train for less, or "
+                     "raise the budget where no 10-minute limit applies")
     choose_device(args.device)  # a missing GPU is one line now, not the same failure logged for every stage
     output_dir(args.out, "--out")
-    work = args.out / "work"
+    # outside --out: a command the device tool stops brings back what is in --out, at most 8 files
+    work, deadline = Path(tempfile.mkdtemp(prefix="gpu_full-")), t_start + 60 * args.budget_minutes
     summary = []
-    for i, (stage, minutes, preset) in enumerate(plans):
-        name = stage if preset == args.preset else f"{stage}-{preset}"  # one stage may run under two presets
-        stage_dir, exp = ROOT / stage, work / name
-        exp.mkdir(parents=True, exist_ok=True)
-        os.environ["SCRATCHGEN_EXPERIMENTS"] = str(exp)
-        # what is left of the budget, less this stage's and the later stages' reserves
-        left = args.budget_minutes - (time.monotonic() - t_start) / 60 - RESERVE_MINUTES * (len(plans) - i)
-        planned, minutes = minutes, round(max(0.0, min(minutes, left)), 2)
-        row = {"stage": stage, "preset": preset, "max_minutes": minutes, "amp": args.amp}
-        with open(exp / "log.txt", "w") as log:
-            try:
-                if minutes < min(planned, 0.25):  # too little left to be worth training (a short plan is fine)
-                    raise RuntimeError("skipped: the budget is spent (the stages before took longer than planned)")
-                train = [sys.executable, "train.py", "--preset", preset, "--run-name", "gpu", "--device",
-                         args.device, "--max-minutes", str(minutes), *(["--amp"] if args.amp else [])]
-                row["train_seconds"] = round(run(train, stage_dir, log), 1)
-                ckpt = exp / stage / "gpu" / "ckpt.pt"
-                config = json.loads((ckpt.parent / "config.json").read_text())
-                row["step"] = max(json.loads(line)["step"] for line in (ckpt.parent / "metrics.jsonl").open())
-                row["images_per_s"] = images_per_second(ckpt.parent / "metrics.jsonl", config["batch_size"])
-                fill = dict(ckpt=str(ckpt), n=str(args.num_samples), dev=args.device, json=str(exp / "eval.json"),
-                            npz=str(exp / "samples.npz"))
-                t_eval = sum(run([sys.executable, *(a.format(**fill) for a in cmd)], stage_dir, log)
-                             for cmd in EVAL[stage])
-                row["eval_seconds"] = round(t_eval, 1)
-                row["eval"] = json.loads((exp / "eval.json").read_text())
-            except Exception as err:  # keep going: the next stage's minutes are already paid for
-                row["error"] = str(err)
-        (exp / "samples.npz").unlink(missing_ok=True)  # large; the checkpoint reproduces it
-        ckpt = exp / stage / "gpu" / "ckpt.pt"
-        if ckpt.is_file() and shrink_checkpoint(ckpt):
-            row["optimizer_states_dropped"] = True
-        if ckpt.is_file() and ckpt.stat().st_size > CKPT_LIMIT:
-            row["ckpt_left_out_mib"] = round(ckpt.stat().st_size / 2**20, 1)
-        pack(exp, args.out / f"{name}.tar.gz", leave_out=ckpt if "ckpt_left_out_mib" in row else None)
+
+    def record(row):
         summary.append(row)
         print(json.dumps(row), flush=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    if args.parallel:  # the stages share the GPU and the CPU cores
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(plans)))}
+        with ThreadPoolExecutor(len(plans)) as pool:
+            jobs = [pool.submit(train_and_evaluate, stage, minutes, preset, flags, work / name, args,
+                                per_stage.get(stage, args.num_samples), deadline, env)
+                    for stage, minutes, preset, flags, name in plans]
+            for job in as_completed(jobs):
+                record(job.result())
+    else:
+        for i, (stage, minutes, preset, flags, name) in enumerate(plans):
+            # what is left of the budget, less this stage's and the later stages' reserves
+            left = args.budget_minutes - (time.monotonic() - t_start) / 60 - args.reserve_minutes * (len(plans) - i)
+            planned, minutes = minutes, round(max(0.0, min(minutes, left)), 2)
+            if minutes < min(planned, 0.25):  # too little left to be worth training (a short plan is fine)
+                record({"stage": stage, "preset": preset, "max_minutes": minutes,
+                        "error": "skipped: the budget is spent (the stages before took longer than planned)"})
+                continue
+            record(train_and_evaluate(stage, minutes, preset, flags, work / name, args,
+                                      per_stage.get(stage, args.num_samples), deadline, {}))
     shutil.rmtree(work)
     return 0 if all("error" not in r for r in summary) else 1
 
