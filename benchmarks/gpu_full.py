@@ -12,16 +12,19 @@ train.py command) with `--max-minutes MINUTES` (the run stops cleanly, checkpoin
 end); the summary records the step reached, the wall time, images/s and the evaluation's JSON.
 
 One after another, each stage has the GPU to itself. With `--parallel` all stages train at once and share it:
-five stages get five minutes each inside one command, and a model too small to keep the GPU busy leaves room
-for the others; each row's speed is then a lower bound on that stage's speed alone.
+five stages get five minutes each inside one command, and each row's speed is a lower bound on that stage's
+speed alone. On an H200 (2026-11-30) the five kept the GPU busy throughout, and sharing made 04_dit 4.8 times
+slower (898 images/s beside the other four, 4,292 alone): `--parallel` fits five stages into one command;
+whether it gets more done than one stage after another was not measured.
 
 The device tool stops a command after 10 minutes and returns at most 8 files of 16 MiB each, so the whole
 command keeps to `--budget-minutes` (training minutes plus `--reserve-minutes` per stage, or once with
 `--parallel`, for start-up, sampling and scoring; one after another, a stage that would overrun trains for
-what is left; a command still running at the end of the budget is killed), and a checkpoint too large to travel
-stays out of its stage's archive (the row says so; its metrics, logs, sample grids and the evaluated samples
-still come back).
+what is left; a command still running at the end of the budget is killed), and a checkpoint travels without its
+optimizer states when over 12 MiB, and stays out of its stage's archive when that would still pass 16 MiB (the
+row says so; its metrics, logs, sample grids and the evaluated samples come back instead).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +50,8 @@ from shared.runtime import DEVICES, choose_device
 
 ROOT = Path(__file__).resolve().parents[1]
 RESERVE_MINUTES = 1.0  # per stage, beside its training: start-up, final checkpoint, 10k samples, scoring
-CKPT_LIMIT = 12 * 2**20  # a larger checkpoint would push its stage's archive past the 16 MiB a file may bring back
+FILE_LIMIT = 16 * 2**20  # the largest file the device tool brings back
+CKPT_LIMIT = 12 * 2**20  # a larger checkpoint travels without its optimizer states
 
 # Each stage's evaluation as its README gives it; {ckpt}, {n}, {dev} and {json} are filled in per run.
 EVAL = {
@@ -109,12 +113,22 @@ def shrink_checkpoint(path: Path, limit: int = CKPT_LIMIT) -> bool:
     return True
 
 
-def pack(folder: Path, archive: Path, leave_out: Path | None = None) -> Path:
-    """``folder`` as a .tar.gz named after it, without the file ``leave_out``."""
-    skip = str(leave_out.relative_to(folder.parent)) if leave_out is not None else None
+def pack(folder: Path, archive: Path, leave_out: tuple[Path, ...] = ()) -> Path:
+    """``folder`` as a .tar.gz named after it, without the files ``leave_out``."""
+    skip = {str(p.relative_to(folder.parent)) for p in leave_out}
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname=folder.name, filter=lambda info: None if info.name == skip else info)
+        tar.add(folder, arcname=folder.name, filter=lambda info: None if info.name in skip else info)
     return archive
+
+
+def pack_stage(exp: Path, archive: Path, ckpt: Path, samples: Path, limit: int = FILE_LIMIT) -> bool:
+    """Pack a stage's folder with its checkpoint, which reproduces the evaluated samples; where that archive
+    would be over ``limit``, with the samples instead. Returns whether the checkpoint travels."""
+    pack(exp, archive, leave_out=(samples,))
+    if not ckpt.is_file() or archive.stat().st_size <= limit:
+        return True
+    pack(exp, archive, leave_out=(ckpt,))
+    return False
 
 
 def parse_run(spec: str) -> tuple[str, float, str, list[str]]:
@@ -165,11 +179,8 @@ def train_and_evaluate(stage: str, minutes: float, preset: str, flags: list[str]
     try:  # a failure here must not cost the other stages' rows
         if ckpt.is_file() and shrink_checkpoint(ckpt):
             row["optimizer_states_dropped"] = True
-        if ckpt.is_file() and ckpt.stat().st_size > CKPT_LIMIT:
+        if not pack_stage(exp, args.out / f"{exp.name}.tar.gz", ckpt, exp / "samples.npz"):
             row["ckpt_left_out_mib"] = round(ckpt.stat().st_size / 2**20, 1)
-        elif (exp / "samples.npz").is_file():  # the checkpoint travels and reproduces them
-            (exp / "samples.npz").unlink()
-        pack(exp, args.out / f"{exp.name}.tar.gz", leave_out=ckpt if "ckpt_left_out_mib" in row else None)
     except Exception as err:
         row["pack_error"] = str(err)
     return row

@@ -1,6 +1,7 @@
 """gpu_full.py's guards for the device tool's limits: a 10-minute command, 8 files of 16 MiB back."""
 
 import json
+import os
 import sys
 import tarfile
 import time
@@ -42,15 +43,26 @@ def test_a_failed_command_carries_the_end_of_its_log(tmp_path):
         gpu_full.run([sys.executable, "-c", "print('starting'); raise SystemExit('the real cause')"], tmp_path, log)
 
 
-def test_pack_leaves_out_the_checkpoint_it_is_told_to(tmp_path):
+def test_the_checkpoint_travels_unless_it_would_push_the_archive_over_the_limit(tmp_path):
     run = tmp_path / "04_dit" / "04_dit" / "gpu"
     run.mkdir(parents=True)
-    (run / "ckpt.pt").write_bytes(b"0" * 100)
+    (run / "ckpt.pt").write_bytes(os.urandom(20_000))  # random bytes: gzip cannot shrink them
     (run / "metrics.jsonl").write_text("{}\n")
-    archive = gpu_full.pack(tmp_path / "04_dit", tmp_path / "04_dit.tar.gz", leave_out=run / "ckpt.pt")
-    with tarfile.open(archive) as tar:
-        names = tar.getnames()
-    assert "04_dit/04_dit/gpu/metrics.jsonl" in names and not any(n.endswith("ckpt.pt") for n in names)
+    samples = tmp_path / "04_dit" / "samples.npz"
+    samples.write_bytes(b"0" * 1000)
+    archive = tmp_path / "04_dit.tar.gz"
+
+    def names():
+        with tarfile.open(archive) as tar:
+            return tar.getnames()
+
+    # under the limit: the checkpoint travels and reproduces the samples, which stay behind
+    assert gpu_full.pack_stage(tmp_path / "04_dit", archive, run / "ckpt.pt", samples, limit=30_000)
+    assert "04_dit/04_dit/gpu/ckpt.pt" in names() and "04_dit/samples.npz" not in names()
+    # over it: the samples travel instead, beside the metrics
+    assert not gpu_full.pack_stage(tmp_path / "04_dit", archive, run / "ckpt.pt", samples, limit=10_000)
+    assert {"04_dit/samples.npz", "04_dit/04_dit/gpu/metrics.jsonl"} <= set(names())
+    assert not any(n.endswith("ckpt.pt") for n in names())
 
 
 def test_a_command_still_running_at_the_deadline_is_killed(tmp_path):
