@@ -62,7 +62,7 @@ EVAL = {
     "03_ddpm": [["sample.py", "--ckpt", "{ckpt}", "--num-samples", "{n}", "--sampler", "ddim", "--steps", "50",
                  "--out", "{npz}", "--device", "{dev}"],
                 ["-m", "shared.evaluate", "{npz}", "--json", "{json}", "--device", "{dev}"]],
-    "04_dit": [["sample.py", "--ckpt", "{ckpt}", "--num-samples", "{n}", "--cfg-scale", "2", "--steps", "25",
+    "04_dit": [["sample.py", "--ckpt", "{ckpt}", "--num-samples", "{n}", "--cfg-scale", "1.275", "--steps", "25",
                 "--sampler", "heun", "--out", "{npz}", "--device", "{dev}"],
                ["-m", "shared.evaluate", "{npz}", "--json", "{json}", "--device", "{dev}"]],
     "05_multimodal": [["evaluate.py", "--ckpt", "{ckpt}", "--num-samples", "{n}", "--json", "{json}",

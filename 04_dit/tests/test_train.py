@@ -57,6 +57,16 @@ def test_ema_update_moves_a_fraction_one_minus_decay_toward_the_model():
     assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
 
 
+def test_learning_rate_warms_up_holds_then_decays_linearly_over_the_last_decay_steps():
+    """--warmup 2, --decay-steps 4 of --steps 10: 1/2, then the peak, then 4 steps down to 1/4 of it (the step after
+    the last would be 0); without --decay-steps the rate stays at the peak to the end."""
+    cfg = dataclasses.replace(train.TrainConfig(), lr=0.4, warmup=2, steps=10, decay_steps=4)
+    assert [train.learning_rate(cfg, s) for s in range(1, 11)] == pytest.approx(
+        [0.2, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.3, 0.2, 0.1], abs=1e-12)
+    cfg = dataclasses.replace(cfg, decay_steps=0)
+    assert [train.learning_rate(cfg, s) for s in range(1, 11)] == pytest.approx([0.2] + [0.4] * 9, abs=1e-12)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exp")
@@ -81,7 +91,8 @@ def test_sample_writes_valid_npz_with_labels(trained, tmp_path):
 
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
 def test_training_step_order_warmup_clip_ema_and_the_loss_it_calls(tmp_path, monkeypatch, objective):
-    """The loop around the tested pieces, step by step: lr = lr min(1, step / warmup), the gradient clipped to
+    """The loop around the tested pieces, step by step: lr = lr min(1, step / warmup) min(1, (steps + 1 - step) /
+    decay_steps), the gradient clipped to
     --grad-clip, then the optimizer step, then the EMA at min(decay, (1 + step)/(10 + step)); the loss of the
     chosen objective with its flags; and the run returns the EMA."""
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
@@ -114,11 +125,12 @@ def test_training_step_order_warmup_clip_ema_and_the_loss_it_calls(tmp_path, mon
     monkeypatch.setattr(train, "update_ema", ema)
     monkeypatch.setattr(train, "rf_loss", rf)
     monkeypatch.setattr(train, "ddpm_loss", ddpm)
-    cfg = smoke_cfg(run_name=objective, steps=6, warmup=4, grad_clip=0.5, ema_decay=0.3, lr=1e-3, sample_every=0,
-                    ckpt_every=0, objective=objective, logit_normal=False, cos_weight=0.0)
+    cfg = smoke_cfg(run_name=objective, steps=6, warmup=4, decay_steps=3, grad_clip=0.5, ema_decay=0.3, lr=1e-3,
+                    sample_every=0, ckpt_every=0, objective=objective, logit_normal=False, cos_weight=0.0)
     returned = train.main(cfg)
     loss = ("rf", False, 0.0) if objective == "flow" else ("ddpm",)
-    want = [e for s in range(1, 7) for e in (loss, ("clip", 0.5), ("step", 1e-3 * min(1.0, s / 4)),
+    lr = [1e-3 * min(1.0, s / 4) * min(1.0, (7 - s) / 3) for s in range(1, 7)]
+    want = [e for s in range(1, 7) for e in (loss, ("clip", 0.5), ("step", lr[s - 1]),
                                               ("ema", min(0.3, (1 + s) / (10 + s))))]
     assert events == want
     ckpt = torch.load(tmp_path / "04_dit" / objective / "ckpt.pt", weights_only=True)
