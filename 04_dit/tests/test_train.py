@@ -92,9 +92,8 @@ def test_sample_writes_valid_npz_with_labels(trained, tmp_path):
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
 def test_training_step_order_warmup_clip_ema_and_the_loss_it_calls(tmp_path, monkeypatch, objective):
     """The loop around the tested pieces, step by step: lr = lr min(1, step / warmup) min(1, (steps + 1 - step) /
-    decay_steps), the gradient clipped to
-    --grad-clip, then the optimizer step, then the EMA at min(decay, (1 + step)/(10 + step)); the loss of the
-    chosen objective with its flags; and the run returns the EMA."""
+    decay_steps), the gradient clipped to --grad-clip, then the optimizer step, then the EMA at min(decay, (1 + step)
+    / (10 + step)); the loss of the chosen objective with its flags; and the run returns the EMA."""
     monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
     events = []
     real_step, real_clip, real_ema = torch.optim.AdamW.step, torch.nn.utils.clip_grad_norm_, train.update_ema
