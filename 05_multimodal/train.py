@@ -45,6 +45,8 @@ class TrainConfig(CommonConfig):
     lr: float = arg(6e-4, "MMDiT learning rate (AdamW)", min=1e-12)
     lr_decay: str = arg("constant", "MMDiT learning rate, over a 200-step warm-up: constant, or a cosine decay "
                         "from its first step to 0 at the last", ("constant", "cosine"))
+    decay_steps: int = arg(0, "with a constant rate: decay it linearly over the last N steps (warm-up-stable-"
+                           "decay; 0: no decay)")
     batch_size: int = arg(64, "images (with their captions) per step", min=1)
     ckpt_every: int = arg(250, "write a checkpoint every N steps (0: only at the end)")
     sample_every: int = arg(1000, "write a sample grid every N steps (0: only at the end)")
@@ -111,11 +113,15 @@ def build(cfg: TrainConfig, tok: Tokenizer) -> TextToImage:
 
 def mmdit_lr(cfg: TrainConfig, step: int) -> float:
     """The MMDiT's learning rate at a (global) step: linear warm-up over its first 200 steps, then constant or
-    a cosine decay that reaches 0 at --steps."""
+    a cosine decay that reaches 0 at --steps. With --decay-steps N the constant rate falls linearly over the
+    last N steps (warm-up-stable-decay, Hägele et al. 2024): a constant-rate run can be continued and still
+    end on a decay."""
     k, n = step - cfg.clip_steps, cfg.steps - cfg.clip_steps  # MMDiT steps done (1..n) and in all
     factor = min(1.0, k / 200)  # the warm-up
     if cfg.lr_decay == "cosine":
         factor *= 0.5 * (1 + math.cos(math.pi * k / n))
+    if cfg.decay_steps:
+        factor *= min(1.0, (cfg.steps - step + 1) / cfg.decay_steps)  # 1 at the decay's first step, 1/N at the last
     return cfg.lr * factor
 
 
@@ -163,6 +169,11 @@ def zero_shot_accuracy(model: TextToImage, tok: Tokenizer, images: torch.Tensor,
 def main(cfg: TrainConfig):
     if cfg.clip_steps >= cfg.steps:
         raise UserError(f"--clip-steps ({cfg.clip_steps}) must be below --steps ({cfg.steps}) to leave MMDiT steps")
+    if cfg.decay_steps and cfg.lr_decay != "constant":
+        raise UserError("--decay-steps decays a constant rate; it cannot be combined with --lr-decay cosine")
+    if not 0 <= cfg.decay_steps <= cfg.steps - cfg.clip_steps:
+        raise UserError(f"--decay-steps must be between 0 and the MMDiT's {cfg.steps - cfg.clip_steps} steps, "
+                        f"got {cfg.decay_steps}")
     if cfg.dataset not in ("mnist", "synthetic"):
         raise UserError(f"--dataset {cfg.dataset}: the captions describe digits; use mnist (or synthetic for tests)")
     if 28 % cfg.patch:

@@ -102,6 +102,19 @@ def test_mmdit_learning_rate_warms_up_then_stays_or_decays_to_zero():
     assert all(a > b for a, b in zip(lrs, lrs[1:]))  # falls at every step after the warm-up
 
 
+def test_mmdit_learning_rate_with_decay_steps_holds_then_falls_linearly_over_the_last_steps():
+    """--decay-steps 4 of 1,000 MMDiT steps: the peak up to step 1,396, then 1, 3/4, 1/2, 1/4 of it (the step after
+    the last would be 0); the warm-up is untouched, and the decay cannot be stacked on the cosine."""
+    cfg = train.TrainConfig(steps=1400, clip_steps=400, lr=1e-3, decay_steps=4)
+    assert train.mmdit_lr(cfg, 500) == pytest.approx(0.5e-3)
+    assert [train.mmdit_lr(cfg, s) for s in range(1396, 1401)] == pytest.approx([1e-3, 1e-3, 0.75e-3, 0.5e-3,
+                                                                                 0.25e-3])
+    with pytest.raises(UserError, match="cannot be combined"):
+        train.main(dataclasses.replace(cfg, lr_decay="cosine"))
+    with pytest.raises(UserError, match="between 0 and the MMDiT's 1000 steps"):
+        train.main(dataclasses.replace(cfg, decay_steps=1001))
+
+
 def test_miss_distance_is_zero_inside_the_asked_band_and_grows_outside_it():
     v = torch.tensor([-0.5, -0.1, 0.0, 0.29, 0.45])
     assert torch.allclose(evaluate_script.miss_distance(v, (-0.1, 0.3), 1), torch.tensor([0.4, 0, 0, 0, 0.15]))
