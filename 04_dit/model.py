@@ -123,6 +123,18 @@ def make_norm(dim: int, rms: bool, affine: bool = False) -> nn.Module:
         nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
 
 
+class QKNorm(nn.RMSNorm):
+    """QK-norm: an RMSNorm with a learned gain over each head's queries or keys, computed in float32. Under bf16
+    autocast q and k arrive in bf16 while the gain stays float32, a pair torch's fused RMSNorm kernel refuses (it
+    warns and falls back to separate ops); float32 in, the input's dtype out, for SDPA."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) V written out; the lesson's Eq. (A1). Attention.forward uses the fused SDPA."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
@@ -135,8 +147,8 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = QKNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = QKNorm(self.head_dim) if qk_norm else nn.Identity()
 
     def qkv_heads(self, x: torch.Tensor, rope: torch.Tensor | None = None):
         B, T, C = x.shape

@@ -187,6 +187,18 @@ def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return h * (1 + scale[:, None]) + shift[:, None]
 
 
+class QKNorm(nn.RMSNorm):
+    """QK-norm: an RMSNorm with a learned gain over each head's queries or keys, computed in float32. Under bf16
+    autocast q and k arrive in bf16 while the gain stays float32, a pair torch's fused RMSNorm kernel refuses (it
+    warns and falls back to separate ops); float32 in, the input's dtype out, for SDPA."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
 class Stream(nn.Module):
     """One modality's weights inside an MMDiT block: adaLN-Zero modulation, qkv with QK-norm, out, MLP."""
 
@@ -197,8 +209,8 @@ class Stream(nn.Module):
         self.ln1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ln2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)  # QK-norm: bounded attention logits
-        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.q_norm = QKNorm(width // heads)  # bounded attention logits
+        self.k_norm = QKNorm(width // heads)
         self.proj = nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"),
                                  nn.Linear(mlp_ratio * width, width))

@@ -9,6 +9,7 @@ from model import (
     DiT,
     DiTBlock,
     DiTConfig,
+    QKNorm,
     SwiGLU,
     apply_rope,
     count_params,
@@ -216,3 +217,23 @@ def test_gflops_scale_with_tokens():
     block_macs = 49 * (12 * d * d) + 2 * 49 * 49 * d  # linears + QK^T and AV per image
     assert math.isclose(g4, 2 * cfg.depth * block_macs / 1e9, rel_tol=0.1)
     assert 3.5 < g2 / g4 < 4.5  # 4x the tokens: ~4x the flops
+
+
+def test_qk_norm_hands_the_fused_kernel_float32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast q and k are bf16 and the gain float32; QKNorm normalises in float32 (the pair the fused
+    RMSNorm kernel accepts; a bf16 input makes torch warn once and fall back) and returns bf16 for SDPA."""
+    norm = QKNorm(8)
+    torch.nn.init.normal_(norm.weight)
+    seen = []
+
+    def recording_rms_norm(x, shape, weight, eps):
+        seen.append((x.dtype, weight.dtype, eps))
+        return rms_norm(x, shape, weight, eps)
+
+    rms_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", recording_rms_norm)
+    x = torch.randn(2, 3, 5, 8).bfloat16()  # (B, nh, T, hd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert seen == [(torch.float32, torch.float32, 1e-6)]
+    assert y.dtype == torch.bfloat16 and torch.equal(y, rms_norm(x.float(), (8,), norm.weight, 1e-6).bfloat16())

@@ -12,6 +12,7 @@ from model import (
     CLIPConfig,
     MMDiT,
     MMDiTConfig,
+    QKNorm,
     TextToImage,
     count_params,
     info_nce,
@@ -232,3 +233,23 @@ def test_generate_gives_each_batch_its_own_noise():
     assert torch.allclose(generate(model, TOK, prompts, noise, 3.0, 2, batch_size=2), whole, atol=1e-5)
     flat = whole.flatten(1)
     assert all(not torch.allclose(flat[i], flat[j], atol=1e-3) for i in range(5) for j in range(i))
+
+
+def test_qk_norm_hands_the_fused_kernel_float32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast q and k are bf16 and the gain float32; QKNorm normalises in float32 (the pair the fused
+    RMSNorm kernel accepts; a bf16 input makes torch warn once and fall back) and returns bf16 for SDPA."""
+    norm = QKNorm(8)
+    torch.nn.init.normal_(norm.weight)
+    seen = []
+
+    def recording_rms_norm(x, shape, weight, eps):
+        seen.append((x.dtype, weight.dtype, eps))
+        return rms_norm(x, shape, weight, eps)
+
+    rms_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", recording_rms_norm)
+    x = torch.randn(2, 3, 5, 8).bfloat16()  # (B, nh, T, hd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert seen == [(torch.float32, torch.float32, 1e-6)]
+    assert y.dtype == torch.bfloat16 and torch.equal(y, rms_norm(x.float(), (8,), norm.weight, 1e-6).bfloat16())
