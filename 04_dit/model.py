@@ -124,9 +124,9 @@ def make_norm(dim: int, rms: bool, affine: bool = False) -> nn.Module:
 
 
 class QKNorm(nn.RMSNorm):
-    """QK-norm: an RMSNorm with a learned gain over each head's queries or keys, computed in float32. Under bf16
-    autocast q and k arrive in bf16 while the gain stays float32, a pair torch's fused RMSNorm kernel refuses (it
-    warns and falls back to separate ops); float32 in, the input's dtype out, for SDPA."""
+    """LightningDiT's QK-norm: RMSNorm with a learned gain over each head's queries or keys, in float32. With --amp
+    the qkv projection returns bf16 while the gain stays float32, a mix torch's fused RMSNorm kernel refuses (it
+    warns and falls back to separate ops), so the input is upcast and the result cast back for SDPA."""
 
     def __init__(self, dim: int):
         super().__init__(dim, eps=1e-6)

@@ -188,9 +188,9 @@ def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class QKNorm(nn.RMSNorm):
-    """QK-norm: an RMSNorm with a learned gain over each head's queries or keys, computed in float32. Under bf16
-    autocast q and k arrive in bf16 while the gain stays float32, a pair torch's fused RMSNorm kernel refuses (it
-    warns and falls back to separate ops); float32 in, the input's dtype out, for SDPA."""
+    """SD3's QK-norm on one stream: each head's queries or keys RMS-normalised with a learned gain, which bounds the
+    joint attention's logits. It runs in float32: under bf16 autocast the stream's qkv is bf16 and the gain
+    float32, which torch's fused kernel refuses with a warning, falling back to separate ops."""
 
     def __init__(self, dim: int):
         super().__init__(dim, eps=1e-6)

@@ -9,7 +9,6 @@ from model import (
     DiT,
     DiTBlock,
     DiTConfig,
-    QKNorm,
     SwiGLU,
     apply_rope,
     count_params,
@@ -219,21 +218,22 @@ def test_gflops_scale_with_tokens():
     assert 3.5 < g2 / g4 < 4.5  # 4x the tokens: ~4x the flops
 
 
-def test_qk_norm_hands_the_fused_kernel_float32_under_bf16_autocast(monkeypatch):
-    """Under bf16 autocast q and k are bf16 and the gain float32; QKNorm normalises in float32 (the pair the fused
-    RMSNorm kernel accepts; a bf16 input makes torch warn once and fall back) and returns bf16 for SDPA."""
-    norm = QKNorm(8)
-    torch.nn.init.normal_(norm.weight)
-    seen = []
+def test_attention_qk_norm_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """With --amp the qkv projection hands QKNorm bf16 queries and keys while its gain is float32; the fused RMSNorm
+    kernel wants one dtype (on a bf16 input torch warns once and falls back), so QKNorm normalises in float32 and
+    gives SDPA bf16 back."""
+    attn = Attention(16, num_heads=2, qk_norm=True)
+    torch.nn.init.normal_(attn.q_norm.weight)
+    calls = []
 
     def recording_rms_norm(x, shape, weight, eps):
-        seen.append((x.dtype, weight.dtype, eps))
-        return rms_norm(x, shape, weight, eps)
+        calls.append(((x.dtype, weight.dtype, eps), fused(x, shape, weight, eps)))
+        return calls[-1][1]
 
-    rms_norm = F.rms_norm
+    fused = F.rms_norm
     monkeypatch.setattr(F, "rms_norm", recording_rms_norm)
-    x = torch.randn(2, 3, 5, 8).bfloat16()  # (B, nh, T, hd)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = norm(x)
-    assert seen == [(torch.float32, torch.float32, 1e-6)]
-    assert y.dtype == torch.bfloat16 and torch.equal(y, rms_norm(x.float(), (8,), norm.weight, 1e-6).bfloat16())
+        q, k, v = attn.qkv_heads(torch.randn(2, 5, 16))  # (B, nh, T, hd) each
+    assert [dtypes for dtypes, _ in calls] == [(torch.float32, torch.float32, 1e-6)] * 2  # q, then k
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert torch.equal(q, calls[0][1].bfloat16()) and torch.equal(k, calls[1][1].bfloat16())

@@ -12,7 +12,7 @@ from model import (
     CLIPConfig,
     MMDiT,
     MMDiTConfig,
-    QKNorm,
+    Stream,
     TextToImage,
     count_params,
     info_nce,
@@ -235,21 +235,23 @@ def test_generate_gives_each_batch_its_own_noise():
     assert all(not torch.allclose(flat[i], flat[j], atol=1e-3) for i in range(5) for j in range(i))
 
 
-def test_qk_norm_hands_the_fused_kernel_float32_under_bf16_autocast(monkeypatch):
-    """Under bf16 autocast q and k are bf16 and the gain float32; QKNorm normalises in float32 (the pair the fused
-    RMSNorm kernel accepts; a bf16 input makes torch warn once and fall back) and returns bf16 for SDPA."""
-    norm = QKNorm(8)
-    torch.nn.init.normal_(norm.weight)
-    seen = []
+def test_stream_normalises_queries_and_keys_in_float32_under_bf16_autocast(monkeypatch):
+    """A stream's qkv runs in bf16 under --amp; its QK-norm must hand torch's RMSNorm float32 input to match the
+    float32 gain (a mixed pair is refused by the fused kernel, with a one-time warning) and return bf16."""
+    stream = Stream(16, heads=2, mlp_ratio=2)
+    torch.nn.init.normal_(stream.k_norm.weight)
+    torch.nn.init.normal_(stream.ada[1].weight)  # past the zero init, so the modulation is not the identity
+    seen, outputs = [], []
 
     def recording_rms_norm(x, shape, weight, eps):
-        seen.append((x.dtype, weight.dtype, eps))
-        return rms_norm(x, shape, weight, eps)
+        seen.append((x.dtype, weight.dtype))
+        outputs.append(torch_rms_norm(x, shape, weight, eps))
+        return outputs[-1]
 
-    rms_norm = F.rms_norm
+    torch_rms_norm = F.rms_norm
     monkeypatch.setattr(F, "rms_norm", recording_rms_norm)
-    x = torch.randn(2, 3, 5, 8).bfloat16()  # (B, nh, T, hd)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = norm(x)
-    assert seen == [(torch.float32, torch.float32, 1e-6)]
-    assert y.dtype == torch.bfloat16 and torch.equal(y, rms_norm(x.float(), (8,), norm.weight, 1e-6).bfloat16())
+        q, k, v, _ = stream.pre_attention(torch.randn(3, 7, 16), torch.randn(3, 16))  # h (B, L, D), c (B, D)
+    assert seen == [(torch.float32, torch.float32)] * 2
+    assert (q.dtype, k.dtype, v.dtype) == (torch.bfloat16,) * 3
+    assert torch.equal(q, outputs[0].bfloat16()) and torch.equal(k, outputs[1].bfloat16())
