@@ -19,6 +19,7 @@ from diffusion import ddpm_loss, linear_alpha_bar, rf_loss, sample
 from model import SIZES, DiT, dit_config
 from vavae import Autoencoder, decode_latents, prepare_latents
 
+from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
 from shared.data import load_images, to_symmetric
 from shared.experiment import Run
@@ -109,6 +110,8 @@ def sample_grid(ema: DiT, cfg: TrainConfig, device, per_class: int = 8, seed: in
 
 
 def main(cfg: TrainConfig):
+    if cfg.decay_steps > cfg.steps:
+        raise UserError(f"--decay-steps ({cfg.decay_steps}) must not exceed --steps ({cfg.steps})")
     with Run(STAGE, cfg) as run:
         images, labels = load_images(cfg.dataset)
         ae = None

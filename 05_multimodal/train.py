@@ -171,9 +171,9 @@ def main(cfg: TrainConfig):
         raise UserError(f"--clip-steps ({cfg.clip_steps}) must be below --steps ({cfg.steps}) to leave MMDiT steps")
     if cfg.decay_steps and cfg.lr_decay != "constant":
         raise UserError("--decay-steps decays a constant rate; it cannot be combined with --lr-decay cosine")
-    if not 0 <= cfg.decay_steps <= cfg.steps - cfg.clip_steps:
-        raise UserError(f"--decay-steps must be between 0 and the MMDiT's {cfg.steps - cfg.clip_steps} steps, "
-                        f"got {cfg.decay_steps}")
+    if cfg.decay_steps > cfg.steps - cfg.clip_steps:
+        raise UserError(f"--decay-steps ({cfg.decay_steps}) must not exceed the MMDiT's {cfg.steps - cfg.clip_steps} "
+                        "steps")
     if cfg.dataset not in ("mnist", "synthetic"):
         raise UserError(f"--dataset {cfg.dataset}: the captions describe digits; use mnist (or synthetic for tests)")
     if 28 % cfg.patch:

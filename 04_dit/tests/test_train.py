@@ -65,6 +65,8 @@ def test_learning_rate_warms_up_holds_then_decays_linearly_over_the_last_decay_s
         [0.2, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.3, 0.2, 0.1], abs=1e-12)
     cfg = dataclasses.replace(cfg, decay_steps=0)
     assert [train.learning_rate(cfg, s) for s in range(1, 11)] == pytest.approx([0.2] + [0.4] * 9, abs=1e-12)
+    with pytest.raises(UserError, match=r"--decay-steps \(11\) must not exceed --steps \(10\)"):
+        train.main(dataclasses.replace(cfg, decay_steps=11))  # would start the run below the peak rate
 
 
 @pytest.fixture(scope="module")

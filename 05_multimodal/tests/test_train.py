@@ -111,7 +111,7 @@ def test_mmdit_learning_rate_with_decay_steps_holds_then_falls_linearly_over_the
                                                                                  0.25e-3])
     with pytest.raises(UserError, match="cannot be combined"):
         train.main(dataclasses.replace(cfg, lr_decay="cosine"))
-    with pytest.raises(UserError, match="between 0 and the MMDiT's 1000 steps"):
+    with pytest.raises(UserError, match="must not exceed the MMDiT's 1000 steps"):
         train.main(dataclasses.replace(cfg, decay_steps=1001))
 
 
