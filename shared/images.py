@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
 
 
 def to_uint8(x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
@@ -19,6 +18,10 @@ def to_uint8(x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) ->
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
               value_range: tuple[float, float] = (-1.0, 1.0), padding: int = 2) -> Path:
     """Save ``(N, C, H, W)`` images as one PNG grid; uint8 input needs no ``value_range``."""
+    # Imported here, not at the top: torchvision's import takes seconds (it loads torch._dynamo), which every
+    # script importing this module would pay, even for --help or a bad flag.
+    from torchvision.utils import save_image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = images.detach().cpu()
@@ -31,6 +34,7 @@ def save_gif(frames: list[torch.Tensor], path: str | Path, nrow: int = 8,
              value_range: tuple[float, float] = (-1.0, 1.0), ms_per_frame: int = 120) -> Path:
     """Animate a list of ``(N, C, H, W)`` batches (one grid per frame), e.g. a sampler's trajectory."""
     from PIL import Image
+    from torchvision.utils import make_grid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from shared.cli import (
     output_file,
     parse_config,
     run_entry,
+    train_entry,
     validate,
 )
 from shared.experiment import Run, find_checkpoint, resolve_resume
@@ -155,10 +156,21 @@ def test_find_checkpoint(smoke, tmp_path):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--resume", "no/such.pt"], "no checkpoint at no/such.pt"),
 ])
-def test_cli_errors_are_one_line_and_exit_2(tmp_path, flags, message):
-    proc = run_script(TOY, "--preset", "smoke", *flags, experiments=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and message in proc.stderr
+def test_cli_errors_are_one_line_and_exit_2(smoke, flags, message, capsys, monkeypatch):
+    code, err = toy_cli(capsys, monkeypatch, "--preset", "smoke", *flags)
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: {err.strip()[7:]}"] and message in err
+
+
+def toy_cli(capsys, monkeypatch, *argv: str) -> tuple[int, str]:
+    """The toy's ``python train.py argv...`` for a run that must exit, in this process and through the entry
+    point every train.py ends with (a subprocess per case would cost seconds of imports; the test below keeps
+    one): its exit code and what it wrote to stderr."""
+    monkeypatch.setattr(sys, "argv", [str(TOY), *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_entry(toy_train.main, toy_train.TrainConfig, toy_train.PRESETS, "00_toy")
+    return exit_.value.code, capsys.readouterr().err
 
 
 def test_foreign_checkpoint_is_refused_from_the_cli(tmp_path):
@@ -286,9 +298,9 @@ def test_a_stage_can_add_presets_of_its_own(capsys):
     assert "invalid choice: 'paper'" in capsys.readouterr().err
 
 
-def test_a_bad_choice_is_one_line(tmp_path):
-    proc = run_script(TOY, "--device", "tpu", experiments=tmp_path)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "invalid choice" in proc.stderr
+def test_a_bad_choice_is_one_line(smoke, capsys, monkeypatch):
+    code, err = toy_cli(capsys, monkeypatch, "--device", "tpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "invalid choice" in err
 
 
 def test_resuming_a_snapshot_beside_the_runs_newer_checkpoint_is_refused(smoke, tmp_path):

@@ -86,30 +86,39 @@ def test_top_readme_links_and_files_exist():  # each stage's tests check its own
     assert missing_readme_files(REPO_ROOT) == []
 
 
-def test_same_training_cli_exit_codes(tmp_path):
+def test_same_training_cli_exit_codes(tmp_path, capsys):
     import subprocess
     import sys
 
     import torch
 
     from shared import REPO_ROOT
+    from shared.cli import run_entry
+    from shared.testing import main
 
     def same_training_cli(*paths):
-        return subprocess.run([sys.executable, "-m", "shared.testing", "same-training", *map(str, paths)],
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        """The exit code and output of ``python -m shared.testing same-training paths...``, run in this process
+        (its ``__main__`` is ``sys.exit(run_entry(main))``)."""
+        try:
+            code = run_entry(main, ["same-training", *map(str, paths)])
+        except SystemExit as exit_:
+            code = exit_.code
+        return code, *capsys.readouterr()
 
     one = {"stage": "00_toy", "step": 3, "model": {"w": torch.ones(2)}, "created": "now", "config": {"run_name": "a"}}
     torch.save(one, tmp_path / "a.pt")
     torch.save({**one, "created": "later", "config": {"run_name": "b"}, "git_hash": "committed-since"},
                tmp_path / "b.pt")  # resumed after a commit: the same training all the same
     torch.save({**one, "model": {"w": torch.zeros(2)}}, tmp_path / "c.pt")
-    same = same_training_cli(tmp_path / "a.pt", tmp_path / "b.pt")
-    assert same.returncode == 0 and "step 3, 1 rank(s); bit for bit equal: model" in same.stdout  # says what it held
+    code, out, _ = same_training_cli(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert code == 0 and "step 3, 1 rank(s); bit for bit equal: model" in out  # says what it held
     torch.save({**one, "stage": "01_vae"}, tmp_path / "other_stage.pt")
-    assert same_training_cli(tmp_path / "a.pt", tmp_path / "other_stage.pt").returncode == 2
-    differs = same_training_cli(tmp_path / "a.pt", tmp_path / "c.pt")
-    assert differs.returncode == 1 and "differ in: model" in differs.stdout
-    missing = same_training_cli(tmp_path / "a.pt", tmp_path / "gone.pt")  # a mistake, not a verdict
+    assert same_training_cli(tmp_path / "a.pt", tmp_path / "other_stage.pt")[0] == 2
+    code, out, _ = same_training_cli(tmp_path / "a.pt", tmp_path / "c.pt")
+    assert code == 1 and "differ in: model" in out
+    # Once as nox calls it, in its own process: a mistake, not a verdict, in one line
+    missing = subprocess.run([sys.executable, "-m", "shared.testing", "same-training", str(tmp_path / "a.pt"),
+                              str(tmp_path / "gone.pt")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "gone.pt" in missing.stderr
 
 
