@@ -84,3 +84,16 @@ def test_curves_leave_out_step_and_time_and_metrics_skip_blank_lines(tmp_path):
     assert Image.open(plot_curves(rows, tmp_path / "loss.png")).size[0] == 360
     (tmp_path / "m.jsonl").write_text('{"step": 1}\n\n  \n{"step": 2}\n')
     assert read_metrics(tmp_path / "m.jsonl") == [{"step": 1}, {"step": 2}] and read_metrics(tmp_path / "no") == []
+
+
+def test_the_training_plumbing_does_not_import_torchvision():
+    """torchvision's import takes seconds (it loads torch._dynamo): a script pays it only when it saves a grid,
+    not for --help, a bad flag, or a DDP rank that writes no pictures."""
+    import subprocess
+    import sys
+
+    from shared import REPO_ROOT
+
+    code = "import sys, shared.experiment, shared.images; print(sorted(m for m in sys.modules if 'torchvision' in m))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
