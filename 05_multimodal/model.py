@@ -50,6 +50,7 @@ CLIP_SIZES = {"tiny": dict(width=32, depth=1, heads=2, embed_dim=32, conv_width=
               "B": dict(width=256, depth=4, heads=8, embed_dim=128, conv_width=64)}
 MMDIT_SIZES = {"tiny": dict(width=32, depth=1, heads=2),
                "S": dict(width=64, depth=3, heads=4),
+               "M": dict(width=128, depth=4, heads=4),  # 04_dit's DiT-tiny width and depth, for longer CPU runs
                "B": dict(width=384, depth=8, heads=6)}
 
 

@@ -146,7 +146,8 @@ def test_mmdit_shapes_zero_init_and_named_sizes():
     wide = MMDiT(MMDiTConfig(**MMDIT_SIZES["tiny"], text_width=32, width_px=56))
     assert wide.unpatchify(torch.randn(1, 7 * 14, 16)).shape == (1, 1, 28, 56)
     counts = {name: count_params(MMDiT(MMDiTConfig(**size))) for name, size in MMDIT_SIZES.items()}
-    assert counts == {"tiny": 55_568, "S": 491_856, "B": 43_314_192}  # fixed sin-cos patch positions: no parameters
+    # fixed sin-cos patch positions: no parameters
+    assert counts == {"tiny": 55_568, "S": 491_856, "M": 2_494_992, "B": 43_314_192}
     clip_counts = {name: count_params(CLIP(CLIPConfig(**size))) for name, size in CLIP_SIZES.items()}
     assert clip_counts == {"tiny": 32_433, "S": 173_473, "B": 4_204_545}
 
