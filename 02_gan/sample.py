@@ -22,12 +22,18 @@ from shared.images import save_grid, save_samples_npz, to_uint8
 from shared.runtime import choose_device
 
 
-def load_generator(path: Path, device="cpu") -> torch.nn.Module:
-    """The generator of a checkpoint (a training run's, or the exported ``pretrained/mnist.pt``)."""
+def load_generator(path: Path, device="cpu", weights: str | None = None) -> torch.nn.Module:
+    """The generator of a checkpoint (a training run's, or the exported ``pretrained/mnist.pt``): its weight
+    average ("ema", kept by ``train.py --ema-decay``) or its last weights ("model"); by default the average when
+    the checkpoint holds one. An exported file holds one set, as "model", and names it under "weights"."""
     ckpt = load_checkpoint(path, STAGE)
+    held = ["ema", "model"] if "ema" in ckpt else [ckpt.get("weights", "model")]
+    weights = weights or held[0]
+    if weights not in held:
+        raise UserError(f"--weights {weights}: {path} holds only the {held[0]!r} weights; use --weights {held[0]}")
     G, _ = build_gan(gan_config_of(ckpt["config"]))
     try:
-        G.load_state_dict(ckpt["model"])
+        G.load_state_dict(ckpt[weights] if "ema" in ckpt else ckpt["model"])
     except RuntimeError as err:
         raise UserError(f"{path} does not fit its own config ({load_error(err)})") from None
     return G.to(device).eval()
@@ -47,12 +53,14 @@ def generate(G, n: int, batch_size: int, seed: int, device="cpu") -> torch.Tenso
 def main(argv=None):
     parser = add_sample_args(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--weights", choices=("ema", "model"), help="G's weight average (if the run kept one with "
+                        "--ema-decay, the default then) or its last weights")
     args = parser.parse_args(argv)
     check_sample_args(args)
     path = find_checkpoint(STAGE, Path(__file__).parent, args.ckpt)
     out, png = sample_outputs(args.out, path)
     device = choose_device(args.device)
-    G = load_generator(path, device)
+    G = load_generator(path, device, args.weights)
     images = generate(G, args.num_samples, args.batch_size, args.seed, device)  # (N, 1, 28, 28) uint8
     save_samples_npz(out, images)
     grid = save_grid(images[:64], png)

@@ -9,6 +9,7 @@ generator step, repeated. ``--arch mlp`` is the paper's network; ``--arch dcgan`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ class TrainConfig(CommonConfig):
                       ("alternating", "simultaneous"))
     d_loss_scale: float = arg(1.0, "multiply D's loss -V by this (the released code descends (-V)/2, i.e. 0.5)",
                               min=1e-6)
+    ema_decay: float = arg(0.0, "also keep an exponential moving average of G's weights with this decay, which "
+                           "sample.py then uses (0: off; not in either paper, Yazici et al. 2019)", max=0.9999)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -141,6 +144,18 @@ def simultaneous_step(G, D, opt_g, opt_d, x, gan_cfg: GANConfig, loss_name: str,
             "d_fake": torch.sigmoid(fake_logits.detach()).mean(), "g_loss": g_loss.detach()}
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, G: torch.nn.Module, decay: float) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta over G's weights *and* its batch-norm running
+    statistics (an average of weights needs activations statistics of about the same average); the integer step
+    counter of batch norm is copied."""
+    for e, g in zip(ema.state_dict().values(), G.state_dict().values()):
+        if e.is_floating_point():
+            e.lerp_(g, 1 - decay)
+        else:
+            e.copy_(g)
+
+
 def grad_norm(grads) -> torch.Tensor:
     return torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads if g is not None))
 
@@ -190,17 +205,20 @@ def main(cfg: TrainConfig):
             G.init_output_bias(to_unit(images).mean(0))
         G, D = G.to(run.device), D.to(run.device)
         opt_g, opt_d = make_optimizer(G.parameters(), cfg), make_optimizer(D.parameters(), cfg)
-        run.restore(model=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
+        state = dict(model=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
+        if cfg.ema_decay > 0:
+            state["ema"] = G_ema = copy.deepcopy(G).eval().requires_grad_(False)  # batch norm on its running stats
+        run.restore(**state)
         G_train, D_train = run.wrap(G), run.wrap(D)
         # Each G step consumes k data batches, so the data stream of a resumed run starts at batch step * k.
         loader = make_loader(TensorImages(images, labels), cfg.batch_size, seed=cfg.seed)
         batches = batches_from(loader, run.step * cfg.k)
         z_fixed = sample_noise(64, gan_cfg, generator=torch.Generator().manual_seed(1234)).to(run.device)
 
-        def save_samples(name):
+        def save_samples(name):  # from the weights sample.py will use
             G.eval()
             with torch.no_grad():
-                run.save_images(G(z_fixed), name, value_range=G.value_range)
+                run.save_images(state.get("ema", G)(z_fixed), name, value_range=G.value_range)
             G.train()
 
         if run.step == 0:
@@ -228,11 +246,13 @@ def main(cfg: TrainConfig):
                 run.log(step, **d_stats, **g_stats)
                 if norms:  # a row of its own, so the per-step averages above stay averages
                     run.flush(step, **norms)
+            if cfg.ema_decay > 0:
+                update_ema(G_ema, G, min(cfg.ema_decay, (1 + step) / (10 + step)))
             if run.every(cfg.sample_every, step):
                 save_samples(f"step_{step:06d}.png")
             if run.every(cfg.ckpt_every, step):
-                run.save_checkpoint(model=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
-        run.save_checkpoint(model=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
+                run.save_checkpoint(**state)
+        run.save_checkpoint(**state)
         save_samples(f"step_{run.step:06d}.png")
         save_samples("final.png")
         return G, D

@@ -19,6 +19,7 @@ from train import (
     main,
     make_optimizer,
     simultaneous_step,
+    update_ema,
 )
 
 from shared import UserError
@@ -230,12 +231,14 @@ def optim_equal(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("overrides", [dict(arch="mlp", optimizer="sgd", lr=0.1, k=2),
                                        dict(arch="mlp", optimizer="sgd", lr=0.1, update="simultaneous",
                                             d_loss_scale=0.5),
-                                       dict(arch="dcgan", size="tiny", batch_size=16)])
+                                       dict(arch="dcgan", size="tiny", batch_size=16, ema_decay=0.9)])
 def test_exact_resume(tmp_path, overrides):
     cfg = smoke(steps=10, sample_every=0, ckpt_every=0, **overrides)
     straight, resumed = run_interrupted_and_straight(main, cfg, stop_at=4, experiments=tmp_path)
     assert straight["step"] == resumed["step"] == 10
-    assert checkpoints_equal(straight, resumed, keys=("model", "discriminator"))
+    weights = ("model", "discriminator", "ema") if cfg.ema_decay else ("model", "discriminator")
+    assert ("ema" in straight) == bool(cfg.ema_decay)
+    assert checkpoints_equal(straight, resumed, keys=weights)
     assert optim_equal(straight["opt_g"], resumed["opt_g"]) and optim_equal(straight["opt_d"], resumed["opt_d"])
     # the comparison can fail: an empty state, or another lr, is not the same optimizer
     full = straight["opt_d"]
@@ -330,6 +333,36 @@ def test_game_summary_reads_the_log():
     assert early["d_fake_range"] == [0.1, 0.1] and early["at_last"]["nonsaturating"] == 10.0
     assert late["steps"] == [1050, 3000] and (late["min"], late["max"], late["median"]) == (2.0, 3.0, 2.5)
     assert late["mean"] == pytest.approx(2.5) and late["d_fake_mean"] == pytest.approx(0.3)
+
+
+def test_update_ema_averages_weights_and_batch_norm_statistics():
+    G, _ = build_gan(model_config("dcgan", "tiny"))
+    ema = copy.deepcopy(G)
+    with torch.no_grad():
+        for t in G.state_dict().values():
+            t.add_(1) if t.is_floating_point() else t.fill_(7)  # new weights, BN statistics and step counter
+    before = {k: t.clone() for k, t in ema.state_dict().items()}
+    update_ema(ema, G, 0.9)
+    after, new = ema.state_dict(), G.state_dict()
+    assert any("running_var" in k for k in after) and any("num_batches_tracked" in k for k in after)
+    for k, t in after.items():
+        expected = 0.9 * before[k] + 0.1 * new[k] if t.is_floating_point() else new[k]
+        assert torch.allclose(t, expected), k
+
+
+def test_sample_uses_the_weight_average_when_the_run_kept_one(tmp_path, monkeypatch, smoke_run):
+    import sample
+
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    main(smoke(arch="dcgan", size="tiny", batch_size=16, steps=6, ema_decay=0.5, run_name="ema"))
+    path = tmp_path / STAGE / "ema" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for weights, key in ((None, "ema"), ("ema", "ema"), ("model", "model")):
+        G = sample.load_generator(path, weights=weights)
+        assert all(torch.equal(t, ckpt[key][k]) for k, t in G.state_dict().items()), weights
+    assert not torch.equal(ckpt["ema"]["net.0.weight"], ckpt["model"]["net.0.weight"])
+    with pytest.raises(UserError, match="holds only the 'model' weights; use --weights model"):
+        sample.main(["--ckpt", str(smoke_run / "ckpt.pt"), "--weights", "ema"])
 
 
 def test_pretrained_weights_load():
