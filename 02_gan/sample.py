@@ -15,7 +15,7 @@ from model import build_gan, sample_noise
 from train import STAGE, gan_config_of
 
 from shared import UserError
-from shared.checkpoint import load_checkpoint, load_error
+from shared.checkpoint import load_checkpoint, load_error, weights_of
 from shared.cli import add_sample_args, check_sample_args, run_entry, sample_outputs
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz, to_uint8
@@ -25,15 +25,12 @@ from shared.runtime import choose_device
 def load_generator(path: Path, device="cpu", weights: str | None = None) -> torch.nn.Module:
     """The generator of a checkpoint (a training run's, or the exported ``pretrained/mnist.pt``): its weight
     average ("ema", kept by ``train.py --ema-decay``) or its last weights ("model"); by default the average when
-    the checkpoint holds one. An exported file holds one set, as "model", and names it under "weights"."""
+    the checkpoint holds one (``shared.checkpoint.weights_of``)."""
     ckpt = load_checkpoint(path, STAGE)
-    held = ["ema", "model"] if "ema" in ckpt else [ckpt.get("weights", "model")]
-    weights = weights or held[0]
-    if weights not in held:
-        raise UserError(f"--weights {weights}: {path} holds only the {held[0]!r} weights; use --weights {held[0]}")
+    state = weights_of(ckpt, path, weights)
     G, _ = build_gan(gan_config_of(ckpt["config"]))
     try:
-        G.load_state_dict(ckpt[weights] if "ema" in ckpt else ckpt["model"])
+        G.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path} does not fit its own config ({load_error(err)})") from None
     return G.to(device).eval()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from train import STAGE, TrainConfig, build
 
 from shared import UserError
-from shared.checkpoint import load_checkpoint, load_error
+from shared.checkpoint import load_checkpoint, load_error, weights_of
 from shared.cli import add_sample_args, check_sample_args, run_entry, sample_outputs
 from shared.experiment import find_checkpoint
 from shared.images import save_grid, save_samples_npz
@@ -35,13 +35,10 @@ STAGE_DIR = Path(__file__).parent
 def load_model(path: Path, device, weights: str = "ema") -> tuple[TextToImage, Tokenizer, TrainConfig]:
     """The model, tokenizer and training config of a checkpoint, with its EMA ("ema") or raw ("model") weights.
 
-    A training checkpoint holds both. An exported file (pretrained/mnist.pt) holds one set, as "model", and
-    names it under "weights" (files exported before that held the raw weights); asking for the other is an error,
-    not a silent swap."""
+    A training checkpoint holds both; an exported file (pretrained/mnist.pt) one set, and asking for the other is
+    an error (``shared.checkpoint.weights_of``)."""
     ckpt = load_checkpoint(path, STAGE)
-    held = ["ema", "model"] if "ema" in ckpt else [ckpt.get("weights", "model")]
-    if weights not in held:
-        raise UserError(f"--weights {weights}: {path} holds only the {held[0]!r} weights; use --weights {held[0]}")
+    state = weights_of(ckpt, path, weights)
     raw = dict(ckpt["config"])
     # Runs from before the position flags had learned positions on both streams; a short-lived "auto" meant
     # sin-cos on the two-digit canvas and learned otherwise.
@@ -52,7 +49,6 @@ def load_model(path: Path, device, weights: str = "ema") -> tuple[TextToImage, T
     cfg = TrainConfig(**{k: v for k, v in raw.items() if k in TrainConfig.__dataclass_fields__})
     tok = Tokenizer()
     model = build(cfg, tok)
-    state = ckpt[weights] if "ema" in ckpt else ckpt["model"]
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -119,6 +119,19 @@ def export_weights(ckpt: dict, path: str | Path, key: str = "ema") -> Path:
     return save_checkpoint({**{k: ckpt[k] for k in keep if k in ckpt}, "model": ckpt[key], "weights": key}, path)
 
 
+def weights_of(ckpt: dict, path: str | Path, weights: str | None = None) -> dict:
+    """The state dict of the weight set ``weights`` ("ema" or "model"; None: the EMA when there is one).
+
+    A training checkpoint holds "model" and, if the run kept one, "ema". An exported file holds one set, as
+    "model", and names it under "weights" (files exported before that held the raw weights). Asking for a set the
+    file does not hold is an error, not a silent swap."""
+    held = ["ema", "model"] if "ema" in ckpt else [ckpt.get("weights", "model")]
+    weights = weights or held[0]
+    if weights not in held:
+        raise UserError(f"--weights {weights}: {path} holds only the {held[0]!r} weights; use --weights {held[0]}")
+    return ckpt[weights] if "ema" in ckpt else ckpt["model"]
+
+
 def load_error(err: Exception) -> str:
     """The line of a ``load_state_dict`` error that names the cause (its first line is only a header)."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shared import UserError, checkpoint
-from shared.checkpoint import export_weights, load_checkpoint, load_error, provenance, save_checkpoint
+from shared.checkpoint import export_weights, load_checkpoint, load_error, provenance, save_checkpoint, weights_of
 
 
 def _payload(value: float) -> dict:
@@ -110,6 +110,22 @@ def test_export_keeps_one_set_of_weights(tmp_path):
     assert torch.equal(raw["model"]["w"], ckpt["model"]["w"]) and raw["weights"] == "model"
     no_ema = load_checkpoint(export_weights(_payload(2.0), tmp_path / "no_ema.pt"), "00_toy")
     assert torch.equal(no_ema["model"]["w"], torch.full((3,), 2.0)) and no_ema["weights"] == "model"
+
+
+def test_weights_of_gives_the_set_asked_for_or_a_one_line_error(tmp_path):
+    run = {**_payload(1.0), "ema": {"w": torch.full((3,), 0.5)}}
+    assert weights_of(run, "run.pt") is run["ema"] and weights_of(run, "run.pt", "ema") is run["ema"]  # EMA first
+    assert weights_of(run, "run.pt", "model") is run["model"]
+    plain = _payload(2.0)  # a run without an EMA
+    assert weights_of(plain, "plain.pt") is plain["model"]
+    with pytest.raises(UserError, match=r"^--weights ema: plain.pt holds only the 'model' weights; "
+                                        r"use --weights model$"):
+        weights_of(plain, "plain.pt", "ema")
+    exported = load_checkpoint(export_weights(run, tmp_path / "mnist.pt"), "00_toy")  # the EMA, stored as "model"
+    assert torch.equal(weights_of(exported, "mnist.pt")["w"], torch.full((3,), 0.5))
+    assert torch.equal(weights_of(exported, "mnist.pt", "ema")["w"], torch.full((3,), 0.5))
+    with pytest.raises(UserError, match="holds only the 'ema' weights; use --weights ema"):
+        weights_of(exported, "mnist.pt", "model")
 
 
 def test_load_error_names_the_cause_not_the_header():
