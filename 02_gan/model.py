@@ -28,6 +28,7 @@ class GANConfig:
     d_keep_in: float = 0.8     # mlp: dropout keep-probability on the discriminator's input
     d_keep: float = 0.5        # mlp: keep-probability on the inputs of its later layers
     width: int = 64            # dcgan: w; G's widest layer has 4 * w channels, D's 2 * w
+    d_width: int = 0           # dcgan: D's own w (0: the same as G's); 2 * width makes D mirror G's channels
 
 
 # Named sizes. The MLP's "paper" is the MNIST network of the authors' released configuration (mnist.yaml); the
@@ -164,7 +165,7 @@ class DCGANDiscriminator(nn.Module):
 
     def __init__(self, cfg: GANConfig):
         super().__init__()
-        w = cfg.width
+        w = cfg.d_width or cfg.width
         self.net = nn.Sequential(
             nn.Conv2d(1, w, 4, 2, 1), nn.LeakyReLU(0.2),                                          # no BN at input
             nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2),

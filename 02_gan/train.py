@@ -42,6 +42,8 @@ class TrainConfig(CommonConfig):
     arch: str = arg("dcgan", "mlp: the paper's MLP/maxout pair; dcgan: Radford et al.'s conv pair",
                     ("mlp", "dcgan"))
     size: str = arg("small", "named network size (model.py::SIZES)", ("tiny", "small", "paper"))
+    d_width: int = arg(0, "dcgan: the discriminator's own w, its layers having w and 2w channels (0: the w of "
+                       "--size, the same as G's; twice it mirrors G's 2w and 4w)", min=0)
     loss: str = arg("nonsaturating", "generator loss: minimax (Eq. 1) or nonsaturating (§3)",
                     ("minimax", "nonsaturating"))
     k: int = arg(1, "discriminator steps per generator step (Algorithm 1)", min=1)
@@ -185,6 +187,9 @@ def main(cfg: TrainConfig):
     if cfg.update == "simultaneous" and cfg.arch == "dcgan":  # one pass over [real; fake] would mix them in BN
         raise UserError("--update simultaneous passes real and fake images through D as one batch, whose batch "
                         "norm would mix their statistics; use it with --arch mlp")
+    if cfg.d_width and cfg.arch != "dcgan":
+        raise UserError(f"--d-width sets the DCGAN discriminator's width; the MLP's maxout D is sized by --size "
+                        f"(got --arch {cfg.arch})")
     # Seen with torch 2.14 (two threads): a compiled backward refuses a second gradient through one graph
     # (retain_graph=True); with its buffer donation turned off, a by-hand check got a wrong one (half the eager norm).
     if cfg.compile and (cfg.update == "simultaneous" or cfg.diag_every):
@@ -197,7 +202,7 @@ def main(cfg: TrainConfig):
         images, labels = load_images(cfg.dataset)
         if cfg.dataset == "mnist":
             images, labels = images[:PAPER_TRAIN_IMAGES], labels[:PAPER_TRAIN_IMAGES]
-        gan_cfg = model_config(cfg.arch, cfg.size, z_dim=cfg.z_dim, noise=cfg.noise)
+        gan_cfg = model_config(cfg.arch, cfg.size, z_dim=cfg.z_dim, noise=cfg.noise, d_width=cfg.d_width)
         G, D = build_gan(gan_cfg)
         lo, _ = G.value_range
         to_data = to_unit if lo == 0 else to_symmetric  # [0, 1] for the sigmoid MLP, [-1, 1] for tanh DCGAN
@@ -262,7 +267,7 @@ def gan_config_of(cfg: dict) -> GANConfig:
     """The GANConfig a checkpoint's saved TrainConfig (a dict) describes: how sample.py rebuilds the model."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = {**dataclasses.asdict(TrainConfig()), **{k: v for k, v in cfg.items() if k in known}}
-    return model_config(cfg["arch"], cfg["size"], z_dim=cfg["z_dim"], noise=cfg["noise"])
+    return model_config(cfg["arch"], cfg["size"], z_dim=cfg["z_dim"], noise=cfg["noise"], d_width=cfg["d_width"])
 
 
 if __name__ == "__main__":

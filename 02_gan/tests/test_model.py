@@ -35,6 +35,18 @@ def test_dcgan_parameter_counts_and_init():
     assert abs(bn.mean().item() - 1) < 0.01 and bn.std().item() < 0.05
 
 
+def test_d_width_sizes_the_discriminator_alone():
+    """--d-width changes D's channels (w and 2w) and leaves G as --size made it; twice G's width makes D mirror G
+    (2w channels at 14x14, 4w at 7x7)."""
+    w = SIZES["dcgan"]["tiny"]["width"]
+    G0, D0 = build_gan(model_config("dcgan", "tiny"))
+    G, D = build_gan(model_config("dcgan", "tiny", d_width=2 * w))
+    assert count_params(G) == count_params(G0)
+    assert [D0.net[i].out_channels for i in (0, 2)] == [w, 2 * w]
+    assert [D.net[i].out_channels for i in (0, 2)] == [G.net[3].out_channels, G.net[0].out_channels] == [2 * w, 4 * w]
+    assert D(G(sample_noise(3, G.cfg))).shape == (3,)
+
+
 def test_paper_mlp_init_is_the_released_uniform():
     """The released configuration: G's weights U(-0.05, 0.05), D's (maxout pieces too) U(-0.005, 0.005), biases 0."""
     torch.manual_seed(0)
