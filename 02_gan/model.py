@@ -29,6 +29,7 @@ class GANConfig:
     d_keep: float = 0.5        # mlp: keep-probability on the inputs of its later layers
     width: int = 64            # dcgan: w; G's widest layer has 4 * w channels, D's 2 * w
     d_width: int = 0           # dcgan: D's own w (0: the same as G's); 2 * width makes D mirror G's channels
+    g_upsample: str = "transposed"  # dcgan: how G doubles its resolution (model.py::upsample_2x)
 
 
 # Named sizes. The MLP's "paper" is the MNIST network of the authors' released configuration (mnist.yaml); the
@@ -141,6 +142,18 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def upsample_2x(c_in: int, c_out: int, how: str, bias: bool) -> nn.Module:
+    """(B, c_in, H, W) -> (B, c_out, 2H, 2W). "transposed": DCGAN's 4x4 stride-2 transposed convolution, whose
+    neighbouring output pixels are made by different kernel taps; "resize": nearest-neighbour upsampling, then a
+    3x3 convolution that slides the same weights over every output pixel (Odena et al. 2016, "Deconvolution and
+    checkerboard artifacts")."""
+    if how == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias))
+    if how == "transposed":
+        return nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias)
+    raise ValueError(f"unknown upsampling {how!r}")
+
+
 class DCGANGenerator(nn.Module):
     """G(z): z (B, z_dim) -> (B, 4w, 7, 7) -> (B, 2w, 14, 14) -> (B, 1, 28, 28) in [-1, 1] (tanh)."""
 
@@ -148,11 +161,11 @@ class DCGANGenerator(nn.Module):
 
     def __init__(self, cfg: GANConfig):
         super().__init__()
-        self.cfg, w = cfg, cfg.width
+        self.cfg, w, up = cfg, cfg.width, cfg.g_upsample
         self.net = nn.Sequential(
             nn.ConvTranspose2d(cfg.z_dim, 4 * w, 7, 1, 0, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),  # 7x7
-            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),      # 14x14
-            nn.ConvTranspose2d(2 * w, 1, 4, 2, 1), nn.Tanh(),                                              # 28x28
+            upsample_2x(4 * w, 2 * w, up, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),                 # 14x14
+            upsample_2x(2 * w, 1, up, bias=True), nn.Tanh(),                                              # 28x28
         )
         dcgan_init(self)
 

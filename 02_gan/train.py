@@ -44,6 +44,9 @@ class TrainConfig(CommonConfig):
     size: str = arg("small", "named network size (model.py::SIZES)", ("tiny", "small", "paper"))
     d_width: int = arg(0, "dcgan: the discriminator's own w, its layers having w and 2w channels (0: the w of "
                        "--size, the same as G's; twice it mirrors G's 2w and 4w)", min=0)
+    g_upsample: str = arg("transposed", "dcgan: how G doubles its resolution: transposed (4x4 stride-2 transposed "
+                          "convolutions, Radford et al.) or resize (nearest-neighbour upsampling and a 3x3 "
+                          "convolution, Odena et al. 2016)", ("transposed", "resize"))
     loss: str = arg("nonsaturating", "generator loss: minimax (Eq. 1) or nonsaturating (§3)",
                     ("minimax", "nonsaturating"))
     k: int = arg(1, "discriminator steps per generator step (Algorithm 1)", min=1)
@@ -187,8 +190,8 @@ def main(cfg: TrainConfig):
     if cfg.update == "simultaneous" and cfg.arch == "dcgan":  # one pass over [real; fake] would mix them in BN
         raise UserError("--update simultaneous passes real and fake images through D as one batch, whose batch "
                         "norm would mix their statistics; use it with --arch mlp")
-    if cfg.d_width and cfg.arch != "dcgan":
-        raise UserError(f"--d-width sets the DCGAN discriminator's width; the MLP's maxout D is sized by --size "
+    if cfg.arch != "dcgan" and (cfg.d_width or cfg.g_upsample != "transposed"):
+        raise UserError(f"--d-width and --g-upsample shape the DCGAN pair; the MLP pair is sized by --size "
                         f"(got --arch {cfg.arch})")
     # Seen with torch 2.14 (two threads): a compiled backward refuses a second gradient through one graph
     # (retain_graph=True); with its buffer donation turned off, a by-hand check got a wrong one (half the eager norm).
@@ -202,7 +205,8 @@ def main(cfg: TrainConfig):
         images, labels = load_images(cfg.dataset)
         if cfg.dataset == "mnist":
             images, labels = images[:PAPER_TRAIN_IMAGES], labels[:PAPER_TRAIN_IMAGES]
-        gan_cfg = model_config(cfg.arch, cfg.size, z_dim=cfg.z_dim, noise=cfg.noise, d_width=cfg.d_width)
+        gan_cfg = model_config(cfg.arch, cfg.size, z_dim=cfg.z_dim, noise=cfg.noise, d_width=cfg.d_width,
+                               g_upsample=cfg.g_upsample)
         G, D = build_gan(gan_cfg)
         lo, _ = G.value_range
         to_data = to_unit if lo == 0 else to_symmetric  # [0, 1] for the sigmoid MLP, [-1, 1] for tanh DCGAN
@@ -267,7 +271,8 @@ def gan_config_of(cfg: dict) -> GANConfig:
     """The GANConfig a checkpoint's saved TrainConfig (a dict) describes: how sample.py rebuilds the model."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = {**dataclasses.asdict(TrainConfig()), **{k: v for k, v in cfg.items() if k in known}}
-    return model_config(cfg["arch"], cfg["size"], z_dim=cfg["z_dim"], noise=cfg["noise"], d_width=cfg["d_width"])
+    return model_config(cfg["arch"], cfg["size"], z_dim=cfg["z_dim"], noise=cfg["noise"], d_width=cfg["d_width"],
+                        g_upsample=cfg["g_upsample"])
 
 
 if __name__ == "__main__":

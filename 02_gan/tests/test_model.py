@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from model import SIZES, Maxout, build_gan, count_params, model_config, sample_noise
+from model import SIZES, Maxout, build_gan, count_params, model_config, sample_noise, upsample_2x
 
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
@@ -45,6 +45,26 @@ def test_d_width_sizes_the_discriminator_alone():
     assert [D0.net[i].out_channels for i in (0, 2)] == [w, 2 * w]
     assert [D.net[i].out_channels for i in (0, 2)] == [G.net[3].out_channels, G.net[0].out_channels] == [2 * w, 4 * w]
     assert D(G(sample_noise(3, G.cfg))).shape == (3,)
+
+
+def test_resize_upsampling_keeps_a_flat_image_flat_where_the_transposed_convolution_makes_a_checkerboard():
+    """Odena et al. 2016: the four output pixels of a 2x2 cell of a stride-2 transposed convolution are made by four
+    different sets of kernel taps, so even a constant input comes out as a period-2 pattern; nearest-neighbour
+    upsampling then one 3x3 convolution applies the same weights everywhere and keeps it constant (away from the
+    zero-padded border)."""
+    torch.manual_seed(0)
+    flat = torch.ones(1, 3, 6, 6)
+    for how, periodic in (("transposed", True), ("resize", False)):
+        out = upsample_2x(3, 2, how, bias=True)(flat)[:, :, 2:-2, 2:-2]  # (1, 2, 8, 8) interior of (1, 2, 12, 12)
+        cells = out.unflatten(2, (4, 2)).unflatten(4, (4, 2))          # (1, 2, 4, 2, 4, 2): 2x2 cells
+        torch.testing.assert_close(cells, cells[:, :, :1, :, :1, :].expand_as(cells))  # each cell is the same
+        assert (cells.std(dim=(3, 5)) > 1e-3).all() == periodic, how  # ... and varies inside only if transposed
+    x = torch.randn(2, 3, 5, 5)
+    up = upsample_2x(3, 4, "resize", bias=False)
+    torch.testing.assert_close(up(x), torch.nn.functional.conv2d(x.repeat_interleave(2, 2).repeat_interleave(2, 3),
+                                                                  up[1].weight, padding=1))
+    G, D = build_gan(model_config("dcgan", "tiny", g_upsample="resize"))
+    assert G(sample_noise(3, G.cfg)).shape == (3, 1, 28, 28) and D(G(sample_noise(3, G.cfg))).shape == (3,)
 
 
 def test_paper_mlp_init_is_the_released_uniform():

@@ -232,7 +232,8 @@ def optim_equal(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("overrides", [dict(arch="mlp", optimizer="sgd", lr=0.1, k=2),
                                        dict(arch="mlp", optimizer="sgd", lr=0.1, update="simultaneous",
                                             d_loss_scale=0.5),
-                                       dict(arch="dcgan", size="tiny", batch_size=16, ema_decay=0.9, d_width=6)])
+                                       dict(arch="dcgan", size="tiny", batch_size=16, ema_decay=0.9, d_width=6,
+                                            g_upsample="resize")])
 def test_exact_resume(tmp_path, overrides):
     cfg = smoke(steps=10, sample_every=0, ckpt_every=0, **overrides)
     straight, resumed = run_interrupted_and_straight(main, cfg, stop_at=4, experiments=tmp_path)
@@ -240,9 +241,10 @@ def test_exact_resume(tmp_path, overrides):
     weights = ("model", "discriminator", "ema") if cfg.ema_decay else ("model", "discriminator")
     assert ("ema" in straight) == bool(cfg.ema_decay)
     assert checkpoints_equal(straight, resumed, keys=weights)
-    if cfg.d_width:  # the checkpoint holds the --d-width D, and its saved config rebuilds that D
+    if cfg.arch == "dcgan":  # the checkpoint holds the flags' D and G, and its saved config rebuilds both
         assert straight["discriminator"]["net.0.weight"].shape[0] == cfg.d_width
-        assert gan_config_of(straight["config"]).d_width == cfg.d_width
+        G, D = build_gan(gan_config_of(straight["config"]))
+        G.load_state_dict(straight["model"]), D.load_state_dict(straight["discriminator"])  # strict: same layers
     assert optim_equal(straight["opt_g"], resumed["opt_g"]) and optim_equal(straight["opt_d"], resumed["opt_d"])
     # the comparison can fail: an empty state, or another lr, is not the same optimizer
     full = straight["opt_d"]
@@ -395,8 +397,9 @@ def test_user_errors_in_process(tmp_path, smoke_run):
         sample.main(["--ckpt", str(foreign)])
     with pytest.raises(UserError, match="no such checkpoint"):
         sample.main(["--ckpt", str(tmp_path / "missing.pt")])
-    with pytest.raises(UserError, match="--d-width sets the DCGAN discriminator's width"):
-        main(smoke(d_width=8))
+    for flags in (dict(d_width=8), dict(g_upsample="resize")):
+        with pytest.raises(UserError, match="--d-width and --g-upsample shape the DCGAN pair"):
+            main(smoke(**flags))
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path):
