@@ -205,8 +205,7 @@ def main(cfg: TrainConfig):
         images, labels = load_images(cfg.dataset)
         if cfg.dataset == "mnist":
             images, labels = images[:PAPER_TRAIN_IMAGES], labels[:PAPER_TRAIN_IMAGES]
-        gan_cfg = model_config(cfg.arch, cfg.size, z_dim=cfg.z_dim, noise=cfg.noise, d_width=cfg.d_width,
-                               g_upsample=cfg.g_upsample)
+        gan_cfg = gan_config_of(dataclasses.asdict(cfg))  # the one way, so sample.py rebuilds the same networks
         G, D = build_gan(gan_cfg)
         lo, _ = G.value_range
         to_data = to_unit if lo == 0 else to_symmetric  # [0, 1] for the sigmoid MLP, [-1, 1] for tanh DCGAN

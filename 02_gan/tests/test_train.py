@@ -241,10 +241,13 @@ def test_exact_resume(tmp_path, overrides):
     weights = ("model", "discriminator", "ema") if cfg.ema_decay else ("model", "discriminator")
     assert ("ema" in straight) == bool(cfg.ema_decay)
     assert checkpoints_equal(straight, resumed, keys=weights)
-    if cfg.arch == "dcgan":  # the checkpoint holds the flags' D and G, and its saved config rebuilds both
+    if cfg.arch == "dcgan":  # the run built the flags' D and G, and its saved config rebuilds exactly those
         assert straight["discriminator"]["net.0.weight"].shape[0] == cfg.d_width
-        G, D = build_gan(gan_config_of(straight["config"]))
-        G.load_state_dict(straight["model"]), D.load_state_dict(straight["discriminator"])  # strict: same layers
+        flags = model_config(cfg.arch, cfg.size, d_width=cfg.d_width, g_upsample=cfg.g_upsample)
+        assert gan_config_of(straight["config"]) == flags
+        G, D = build_gan(flags)
+        G.load_state_dict(straight["model"])  # strict: the same layers, or an error
+        D.load_state_dict(straight["discriminator"])
     assert optim_equal(straight["opt_g"], resumed["opt_g"]) and optim_equal(straight["opt_d"], resumed["opt_d"])
     # the comparison can fail: an empty state, or another lr, is not the same optimizer
     full = straight["opt_d"]
