@@ -19,7 +19,8 @@ IMAGE_DIM = math.prod(IMAGE_SHAPE)  # 784
 
 @dataclass
 class GANConfig:
-    arch: str = "mlp"          # mlp (the paper) | dcgan (Radford et al.)
+    arch: str = "mlp"          # mlp (the paper) | dcgan (Radford et al.): both players, or G alone with d_arch
+    d_arch: str = "same"       # D's architecture when it is not arch's: mlp | dcgan (a mixed pair)
     z_dim: int = 100           # dimension of the noise z ~ p_z
     noise: str = "gaussian"    # p_z: gaussian N(0, I) | uniform U(-sqrt 3, sqrt 3)^d (both unit variance)
     g_hidden: int = 1200       # mlp: width of the generator's two ReLU layers
@@ -30,6 +31,8 @@ class GANConfig:
     width: int = 64            # dcgan: w; G's widest layer has 4 * w channels, D's 2 * w
     d_width: int = 0           # dcgan: D's own w (0: the same as G's); 2 * width makes D mirror G's channels
     g_upsample: str = "transposed"  # dcgan: how G doubles its resolution (model.py::upsample_2x)
+    g_norm: str = "batch"      # dcgan: G's hidden normalisation: batch (Radford et al.) | none
+    d_norm: str = "batch"      # dcgan: D's hidden normalisation: batch (Radford et al.) | none
 
 
 # Named sizes. The MLP's "paper" is the MNIST network of the authors' released configuration (mnist.yaml); the
@@ -49,7 +52,14 @@ SIZES = {
 
 
 def model_config(arch: str, size: str, **overrides) -> GANConfig:
-    return GANConfig(arch=arch, **{**SIZES[arch][size], **overrides})
+    """The named ``size`` of G's architecture and of D's (a mixed pair takes D's fields from D's row)."""
+    d_arch = overrides.get("d_arch", "same")
+    d_sizes = SIZES[arch if d_arch == "same" else d_arch][size]
+    return GANConfig(arch=arch, **{**d_sizes, **SIZES[arch][size], **overrides})
+
+
+def discriminator_arch(cfg: GANConfig) -> str:
+    return cfg.arch if cfg.d_arch == "same" else cfg.d_arch
 
 
 def sample_noise(n: int, cfg: GANConfig, device="cpu", generator: torch.Generator | None = None) -> torch.Tensor:
@@ -142,6 +152,15 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def norm_2d(channels: int, how: str) -> nn.Module:
+    """Batch norm over (B, H, W) per channel, as DCGAN does, or nothing ("none")."""
+    if how == "batch":
+        return nn.BatchNorm2d(channels)
+    if how == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown normalisation {how!r}")
+
+
 def upsample_2x(c_in: int, c_out: int, how: str, bias: bool) -> nn.Module:
     """(B, c_in, H, W) -> (B, c_out, 2H, 2W). "transposed": DCGAN's 4x4 stride-2 transposed convolution, whose
     neighbouring output pixels are made by different kernel taps; "resize": nearest-neighbour upsampling, then a
@@ -161,11 +180,12 @@ class DCGANGenerator(nn.Module):
 
     def __init__(self, cfg: GANConfig):
         super().__init__()
-        self.cfg, w, up = cfg, cfg.width, cfg.g_upsample
+        self.cfg, w, up, norm = cfg, cfg.width, cfg.g_upsample, cfg.g_norm
+        bias = norm == "none"  # batch norm's shift would cancel a bias
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(cfg.z_dim, 4 * w, 7, 1, 0, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),  # 7x7
-            upsample_2x(4 * w, 2 * w, up, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),                 # 14x14
-            upsample_2x(2 * w, 1, up, bias=True), nn.Tanh(),                                              # 28x28
+            nn.ConvTranspose2d(cfg.z_dim, 4 * w, 7, 1, 0, bias=bias), norm_2d(4 * w, norm), nn.ReLU(),  # 7x7
+            upsample_2x(4 * w, 2 * w, up, bias=bias), norm_2d(2 * w, norm), nn.ReLU(),                 # 14x14
+            upsample_2x(2 * w, 1, up, bias=True), nn.Tanh(),                                            # 28x28
         )
         dcgan_init(self)
 
@@ -178,10 +198,10 @@ class DCGANDiscriminator(nn.Module):
 
     def __init__(self, cfg: GANConfig):
         super().__init__()
-        w = cfg.d_width or cfg.width
+        w, norm = cfg.d_width or cfg.width, cfg.d_norm
         self.net = nn.Sequential(
             nn.Conv2d(1, w, 4, 2, 1), nn.LeakyReLU(0.2),                                          # no BN at input
-            nn.Conv2d(w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(w, 2 * w, 4, 2, 1, bias=norm == "none"), norm_2d(2 * w, norm), nn.LeakyReLU(0.2),
             nn.Conv2d(2 * w, 1, 7, 1, 0),                                                         # (B, 1, 1, 1)
         )
         dcgan_init(self)
@@ -190,13 +210,16 @@ class DCGANDiscriminator(nn.Module):
         return self.net(x).flatten()  # (B,) logits
 
 
+GENERATORS = {"mlp": MLPGenerator, "dcgan": DCGANGenerator}
+DISCRIMINATORS = {"mlp": MaxoutDiscriminator, "dcgan": DCGANDiscriminator}
+
+
 def build_gan(cfg: GANConfig) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for ``cfg.arch``."""
-    if cfg.arch == "mlp":
-        return MLPGenerator(cfg), MaxoutDiscriminator(cfg)
-    if cfg.arch == "dcgan":
-        return DCGANGenerator(cfg), DCGANDiscriminator(cfg)
-    raise ValueError(f"unknown arch {cfg.arch!r}")
+    """(generator, discriminator): G of ``cfg.arch``, D of ``cfg.d_arch`` ("same": of ``cfg.arch`` too)."""
+    d_arch = discriminator_arch(cfg)
+    if cfg.arch not in GENERATORS or d_arch not in DISCRIMINATORS:
+        raise ValueError(f"unknown arch {cfg.arch!r} or d_arch {cfg.d_arch!r}")
+    return GENERATORS[cfg.arch](cfg), DISCRIMINATORS[d_arch](cfg)
 
 
 def count_params(module: nn.Module) -> int:

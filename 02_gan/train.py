@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from gan import GENERATOR_LOSSES, discriminator_loss
-from model import GANConfig, build_gan, model_config, sample_noise
+from model import GANConfig, build_gan, discriminator_arch, model_config, sample_noise
 
 from shared import UserError
 from shared.cli import CommonConfig, arg, train_entry
@@ -41,12 +41,23 @@ PRESETS = {
 class TrainConfig(CommonConfig):
     arch: str = arg("dcgan", "mlp: the paper's MLP/maxout pair; dcgan: Radford et al.'s conv pair",
                     ("mlp", "dcgan"))
-    size: str = arg("small", "named network size (model.py::SIZES)", ("tiny", "small", "paper"))
+    d_arch: str = arg("same", "the discriminator's architecture, if not --arch's: mlp (maxout) or dcgan (conv), a "
+                      "mixed pair", ("same", "mlp", "dcgan"))
+    size: str = arg("small", "named network size of both players (model.py::SIZES)", ("tiny", "small", "paper"))
     d_width: int = arg(0, "dcgan: the discriminator's own w, its layers having w and 2w channels (0: the w of "
                        "--size, the same as G's; twice it mirrors G's 2w and 4w)", min=0)
     g_upsample: str = arg("transposed", "dcgan: how G doubles its resolution: transposed (4x4 stride-2 transposed "
                           "convolutions, Radford et al.) or resize (nearest-neighbour upsampling and a 3x3 "
                           "convolution, Odena et al. 2016)", ("transposed", "resize"))
+    d_units: int = arg(0, "mlp: the maxout discriminator's own units per layer (0: those of --size)", min=0)
+    d_keep_in: float = arg(0.8, "mlp: the maxout discriminator's dropout keep-probability on its input (1: no "
+                           "dropout there)", min=0.01, max=1.0)
+    d_keep: float = arg(0.5, "mlp: its keep-probability on the inputs of its later layers (1: none)", min=0.01,
+                        max=1.0)
+    g_norm: str = arg("batch", "dcgan: G's normalisation after each hidden layer: batch (Radford et al.) or none",
+                      ("batch", "none"))
+    d_norm: str = arg("batch", "dcgan: D's normalisation after its second layer: batch (Radford et al.) or none",
+                      ("batch", "none"))
     loss: str = arg("nonsaturating", "generator loss: minimax (Eq. 1) or nonsaturating (§3)",
                     ("minimax", "nonsaturating"))
     k: int = arg(1, "discriminator steps per generator step (Algorithm 1)", min=1)
@@ -187,12 +198,19 @@ def main(cfg: TrainConfig):
     if cfg.update == "simultaneous" and cfg.k != 1:
         raise UserError(f"--update simultaneous makes one D step per G step; --k {cfg.k} needs --update "
                         "alternating")
-    if cfg.update == "simultaneous" and cfg.arch == "dcgan":  # one pass over [real; fake] would mix them in BN
+    d_arch = discriminator_arch(cfg)
+    if cfg.update == "simultaneous" and d_arch == "dcgan" and cfg.d_norm == "batch":  # [real; fake] mixed in BN
         raise UserError("--update simultaneous passes real and fake images through D as one batch, whose batch "
-                        "norm would mix their statistics; use it with --arch mlp")
-    if cfg.arch != "dcgan" and (cfg.d_width or cfg.g_upsample != "transposed"):
-        raise UserError(f"--d-width and --g-upsample shape the DCGAN pair; the MLP pair is sized by --size "
+                        "norm would mix their statistics; use it with an MLP discriminator or --d-norm none")
+    if cfg.arch != "dcgan" and (cfg.g_upsample != "transposed" or cfg.g_norm != "batch"):
+        raise UserError(f"--g-upsample and --g-norm shape the DCGAN generator; the MLP one is sized by --size "
                         f"(got --arch {cfg.arch})")
+    if d_arch != "dcgan" and (cfg.d_width or cfg.d_norm != "batch"):
+        raise UserError(f"--d-width and --d-norm shape the DCGAN discriminator; the maxout one is sized by --size "
+                        f"(got a {d_arch} discriminator)")
+    if d_arch != "mlp" and (cfg.d_units or (cfg.d_keep_in, cfg.d_keep) != (0.8, 0.5)):
+        raise UserError(f"--d-units, --d-keep-in and --d-keep shape the maxout discriminator (got a {d_arch} "
+                        "discriminator)")
     # Seen with torch 2.14 (two threads): a compiled backward refuses a second gradient through one graph
     # (retain_graph=True); with its buffer donation turned off, a by-hand check got a wrong one (half the eager norm).
     if cfg.compile and (cfg.update == "simultaneous" or cfg.diag_every):
@@ -270,8 +288,10 @@ def gan_config_of(cfg: dict) -> GANConfig:
     """The GANConfig a checkpoint's saved TrainConfig (a dict) describes: how sample.py rebuilds the model."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = {**dataclasses.asdict(TrainConfig()), **{k: v for k, v in cfg.items() if k in known}}
-    return model_config(cfg["arch"], cfg["size"], z_dim=cfg["z_dim"], noise=cfg["noise"], d_width=cfg["d_width"],
-                        g_upsample=cfg["g_upsample"])
+    return model_config(cfg["arch"], cfg["size"], d_arch=cfg["d_arch"], z_dim=cfg["z_dim"], noise=cfg["noise"],
+                        d_width=cfg["d_width"], g_upsample=cfg["g_upsample"], g_norm=cfg["g_norm"],
+                        d_norm=cfg["d_norm"], d_keep_in=cfg["d_keep_in"], d_keep=cfg["d_keep"],
+                        **({"d_units": cfg["d_units"]} if cfg["d_units"] else {}))
 
 
 if __name__ == "__main__":

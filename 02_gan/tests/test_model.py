@@ -2,7 +2,19 @@
 
 import pytest
 import torch
-from model import SIZES, Maxout, build_gan, count_params, model_config, sample_noise, upsample_2x
+from model import (
+    SIZES,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    Maxout,
+    MaxoutDiscriminator,
+    MLPGenerator,
+    build_gan,
+    count_params,
+    model_config,
+    sample_noise,
+    upsample_2x,
+)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
@@ -45,6 +57,47 @@ def test_d_width_sizes_the_discriminator_alone():
     assert [D0.net[i].out_channels for i in (0, 2)] == [w, 2 * w]
     assert [D.net[i].out_channels for i in (0, 2)] == [G.net[3].out_channels, G.net[0].out_channels] == [2 * w, 4 * w]
     assert D(G(sample_noise(3, G.cfg))).shape == (3,)
+
+
+def test_a_mixed_pair_takes_each_players_size_from_its_own_architecture():
+    """--d-arch pairs one architecture's G with the other's D; each player is what --size makes of it in a pair of
+    its own kind, so a mixed pair changes one player and keeps the other."""
+    for g_arch, d_arch in (("dcgan", "mlp"), ("mlp", "dcgan")):
+        G, D = build_gan(model_config(g_arch, "small", d_arch=d_arch))
+        G_own, _ = build_gan(model_config(g_arch, "small"))
+        _, D_own = build_gan(model_config(d_arch, "small"))
+        assert type(G) is type(G_own) is {"dcgan": DCGANGenerator, "mlp": MLPGenerator}[g_arch]
+        assert type(D) is type(D_own) is {"dcgan": DCGANDiscriminator, "mlp": MaxoutDiscriminator}[d_arch]
+        assert (count_params(G), count_params(D)) == (count_params(G_own), count_params(D_own))
+        assert D(G(sample_noise(3, G.cfg))).shape == (3,)
+
+
+def test_keep_probability_one_turns_the_maxout_discriminators_dropout_off():
+    """In train mode the maxout D drops units, so two passes over one batch differ; with both keep-probabilities at
+    1 (--d-keep-in 1 --d-keep 1) nothing is dropped and they agree."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    for keep, deterministic in ((dict(), False), (dict(d_keep_in=1.0, d_keep=1.0), True)):
+        _, D = build_gan(model_config("mlp", "tiny", **keep))  # train mode
+        assert torch.equal(D(x), D(x)) == deterministic
+
+
+def test_norm_none_makes_each_player_treat_each_image_on_its_own():
+    """In train mode DCGAN's batch norm makes a player's output for one image depend on the rest of its batch: D
+    judges each image against its batch's statistics, and G draws each z against its batch's. --d-norm none and
+    --g-norm none take every batch norm out of that player alone, and each output then depends on its input only."""
+    torch.manual_seed(0)
+    for g_norm, d_norm in (("batch", "batch"), ("none", "batch"), ("batch", "none")):
+        G, D = build_gan(model_config("dcgan", "tiny", g_norm=g_norm, d_norm=d_norm))  # train mode
+        assert [sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) for net in (G, D)] == \
+            [2 * (g_norm == "batch"), d_norm == "batch"]
+        z, x = sample_noise(4, G.cfg), torch.rand(4, 1, 28, 28) * 2 - 1
+        z_other, x_other = torch.cat([z[:1], sample_noise(3, G.cfg)]), torch.cat([x[:1], torch.rand(3, 1, 28, 28)])
+        with torch.no_grad():  # the first image is the same in both batches; the other three are not
+            g_change = (G(z)[0] - G(z_other)[0]).abs().max().item()
+            d_change = (D(x)[0] - D(x_other)[0]).abs().item()
+        assert (g_change < 1e-6) == (g_norm == "none") and (g_change > 1e-4) == (g_norm == "batch"), g_change
+        assert (d_change < 1e-6) == (d_norm == "none") and (d_change > 1e-4) == (d_norm == "batch"), d_change
 
 
 def test_resize_upsampling_keeps_a_flat_image_flat_where_the_transposed_convolution_makes_a_checkerboard():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gan import GENERATOR_LOSSES, discriminator_loss, generator_loss_nonsaturating
-from model import GANConfig, build_gan, model_config, sample_noise
+from model import GANConfig, build_gan, discriminator_arch, model_config, sample_noise
 from train import (
     PRESETS,
     STAGE,
@@ -169,6 +169,8 @@ def test_simultaneous_update_refuses_k_above_one_and_batch_norm(tmp_path, monkey
         main(smoke(update="simultaneous", k=2))
     with pytest.raises(UserError, match="batch norm would mix"):
         main(smoke(update="simultaneous", arch="dcgan"))
+    with pytest.raises(UserError, match="batch norm would mix"):  # G's batch norm sees fakes alone: D's is the one
+        main(smoke(update="simultaneous", d_arch="dcgan"))
     assert not any(tmp_path.rglob("*"))  # refused before a run folder exists
 
 
@@ -233,7 +235,11 @@ def optim_equal(a: dict, b: dict) -> bool:
                                        dict(arch="mlp", optimizer="sgd", lr=0.1, update="simultaneous",
                                             d_loss_scale=0.5),
                                        dict(arch="dcgan", size="tiny", batch_size=16, ema_decay=0.9, d_width=6,
-                                            g_upsample="resize")])
+                                            g_upsample="resize"),
+                                       dict(arch="dcgan", size="tiny", batch_size=16, d_arch="mlp", g_norm="none",
+                                            d_units=8, d_keep_in=1.0, d_keep=0.7),
+                                       dict(arch="mlp", size="tiny", batch_size=16, d_arch="dcgan", d_norm="none",
+                                            update="simultaneous")])
 def test_exact_resume(tmp_path, overrides):
     cfg = smoke(steps=10, sample_every=0, ckpt_every=0, **overrides)
     straight, resumed = run_interrupted_and_straight(main, cfg, stop_at=4, experiments=tmp_path)
@@ -241,9 +247,14 @@ def test_exact_resume(tmp_path, overrides):
     weights = ("model", "discriminator", "ema") if cfg.ema_decay else ("model", "discriminator")
     assert ("ema" in straight) == bool(cfg.ema_decay)
     assert checkpoints_equal(straight, resumed, keys=weights)
-    if cfg.arch == "dcgan":  # the run built the flags' D and G, and its saved config rebuilds exactly those
-        assert straight["discriminator"]["net.0.weight"].shape[0] == cfg.d_width
-        flags = model_config(cfg.arch, cfg.size, d_width=cfg.d_width, g_upsample=cfg.g_upsample)
+    if "dcgan" in (cfg.arch, cfg.d_arch):  # the run built the flags' D and G; its saved config rebuilds exactly those
+        flags = model_config(cfg.arch, cfg.size, d_arch=cfg.d_arch, d_width=cfg.d_width, g_upsample=cfg.g_upsample,
+                             g_norm=cfg.g_norm, d_norm=cfg.d_norm, d_keep_in=cfg.d_keep_in, d_keep=cfg.d_keep,
+                             **({"d_units": cfg.d_units} if cfg.d_units else {}))
+        if discriminator_arch(flags) == "dcgan":
+            assert straight["discriminator"]["net.0.weight"].shape[0] == (cfg.d_width or flags.width)
+        else:  # maxout: units x pieces outputs in each layer
+            assert straight["discriminator"]["net.2.linear.weight"].shape[0] == flags.d_units * flags.d_pieces == 8 * 2
         assert gan_config_of(straight["config"]) == flags
         G, D = build_gan(flags)
         G.load_state_dict(straight["model"])  # strict: the same layers, or an error
@@ -400,8 +411,15 @@ def test_user_errors_in_process(tmp_path, smoke_run):
         sample.main(["--ckpt", str(foreign)])
     with pytest.raises(UserError, match="no such checkpoint"):
         sample.main(["--ckpt", str(tmp_path / "missing.pt")])
-    for flags in (dict(d_width=8), dict(g_upsample="resize")):
-        with pytest.raises(UserError, match="--d-width and --g-upsample shape the DCGAN pair"):
+    for flags in (dict(g_upsample="resize"), dict(g_norm="none"), dict(d_arch="dcgan", g_upsample="resize")):
+        with pytest.raises(UserError, match="--g-upsample and --g-norm shape the DCGAN generator; .* --arch mlp"):
+            main(smoke(**flags))  # the smoke preset's G is the MLP
+    for flags in (dict(d_width=8), dict(d_norm="none"), dict(arch="dcgan", d_arch="mlp", d_norm="none")):
+        with pytest.raises(UserError, match="--d-width and --d-norm shape the DCGAN discriminator; .* a mlp disc"):
+            main(smoke(**flags))
+    for flags in (dict(arch="dcgan", size="tiny", d_keep=1.0), dict(d_arch="dcgan", d_keep_in=0.5),
+                  dict(d_arch="dcgan", d_units=4)):
+        with pytest.raises(UserError, match="--d-units, --d-keep-in and --d-keep shape the maxout discriminator"):
             main(smoke(**flags))
 
 
