@@ -50,10 +50,10 @@ class TrainConfig(CommonConfig):
                           "convolutions, Radford et al.) or resize (nearest-neighbour upsampling and a 3x3 "
                           "convolution, Odena et al. 2016)", ("transposed", "resize"))
     d_units: int = arg(0, "mlp: the maxout discriminator's own units per layer (0: those of --size)", min=0)
-    d_keep_in: float = arg(0.8, "mlp: the maxout discriminator's dropout keep-probability on its input (1: no "
-                           "dropout there)", min=0.01, max=1.0)
-    d_keep: float = arg(0.5, "mlp: its keep-probability on the inputs of its later layers (1: none)", min=0.01,
-                        max=1.0)
+    d_keep_in: float = arg(GANConfig.d_keep_in, "mlp: the maxout discriminator's dropout keep-probability on its "
+                           "input (1: no dropout there)", min=0.01, max=1.0)
+    d_keep: float = arg(GANConfig.d_keep, "mlp: its keep-probability on the inputs of its later layers (1: none)",
+                        min=0.01, max=1.0)
     g_norm: str = arg("batch", "dcgan: G's normalisation after each hidden layer: batch (Radford et al.) or none",
                       ("batch", "none"))
     d_norm: str = arg("batch", "dcgan: D's normalisation after its second layer: batch (Radford et al.) or none",
@@ -208,7 +208,7 @@ def main(cfg: TrainConfig):
     if d_arch != "dcgan" and (cfg.d_width or cfg.d_norm != "batch"):
         raise UserError(f"--d-width and --d-norm shape the DCGAN discriminator; the maxout one is sized by --size "
                         f"(got a {d_arch} discriminator)")
-    if d_arch != "mlp" and (cfg.d_units or (cfg.d_keep_in, cfg.d_keep) != (0.8, 0.5)):
+    if d_arch != "mlp" and (cfg.d_units or (cfg.d_keep_in, cfg.d_keep) != (GANConfig.d_keep_in, GANConfig.d_keep)):
         raise UserError(f"--d-units, --d-keep-in and --d-keep shape the maxout discriminator (got a {d_arch} "
                         "discriminator)")
     # Seen with torch 2.14 (two threads): a compiled backward refuses a second gradient through one graph
