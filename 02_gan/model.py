@@ -33,6 +33,7 @@ class GANConfig:
     g_upsample: str = "transposed"  # dcgan: how G doubles its resolution (model.py::upsample_2x)
     g_norm: str = "batch"      # dcgan: G's hidden normalisation: batch (Radford et al.) | none
     d_norm: str = "batch"      # dcgan: D's hidden normalisation: batch (Radford et al.) | none
+    d_readout: str = "linear"  # dcgan: how D turns its 7x7 map into the logit: linear | conv | fc (readout_layers)
 
 
 # Named sizes. The MLP's "paper" is the MNIST network of the authors' released configuration (mnist.yaml); the
@@ -193,6 +194,26 @@ class DCGANGenerator(nn.Module):
         return self.net(z[:, :, None, None])  # (B, 1, 28, 28)
 
 
+def readout_layers(c_in: int, w: int, how: str, norm: str) -> list[nn.Module]:
+    """D's last layers: its (B, c_in, 7, 7) feature map -> the logit, (B, 1, 1, 1) or (B, 1).
+
+    Each of the 7x7 positions sees a 10x10-pixel window of the image (two 4x4 stride-2 convolutions). "linear" is
+    Radford et al.'s last layer, one 7x7 convolution to one channel: the logit is then a *sum* over the 49
+    positions of a score of each window alone, so D can weigh strokes only piece by piece. "conv" first adds a
+    third stride-2 layer (4w channels, 3x3 positions of 22x22 pixels), as Radford et al.'s four-layer 64x64 D
+    reaches most of its image; "fc" puts a hidden fully connected layer of 4w LeakyReLU units between the map and
+    the logit, so that every unit weighs all positions together (a DCGAN has no hidden fully connected layer).
+    """
+    if how == "linear":
+        return [nn.Conv2d(c_in, 1, 7, 1, 0)]
+    if how == "conv":
+        return [nn.Conv2d(c_in, 4 * w, 4, 2, 1, bias=norm == "none"), norm_2d(4 * w, norm), nn.LeakyReLU(0.2),
+                nn.Conv2d(4 * w, 1, 3, 1, 0)]
+    if how == "fc":
+        return [nn.Flatten(), nn.Linear(c_in * 7 * 7, 4 * w), nn.LeakyReLU(0.2), nn.Linear(4 * w, 1)]
+    raise ValueError(f"unknown readout {how!r}")
+
+
 class DCGANDiscriminator(nn.Module):
     """D(x): (B, 1, 28, 28) -> (B, w, 14, 14) -> (B, 2w, 7, 7) -> logit (B,); LeakyReLU(0.2)."""
 
@@ -202,7 +223,7 @@ class DCGANDiscriminator(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(1, w, 4, 2, 1), nn.LeakyReLU(0.2),                                          # no BN at input
             nn.Conv2d(w, 2 * w, 4, 2, 1, bias=norm == "none"), norm_2d(2 * w, norm), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * w, 1, 7, 1, 0),                                                         # (B, 1, 1, 1)
+            *readout_layers(2 * w, w, cfg.d_readout, norm),                                       # logit
         )
         dcgan_init(self)
 

@@ -58,6 +58,9 @@ class TrainConfig(CommonConfig):
                       ("batch", "none"))
     d_norm: str = arg("batch", "dcgan: D's normalisation after its second layer: batch (Radford et al.) or none",
                       ("batch", "none"))
+    d_readout: str = arg("linear", "dcgan: how D turns its 7x7 map into the logit: linear (Radford et al.; the logit "
+                         "is a sum of scores of 10x10-pixel windows), conv (a third stride-2 layer first) or fc (a "
+                         "hidden fully connected layer of 4w units)", ("linear", "conv", "fc"))
     loss: str = arg("nonsaturating", "generator loss: minimax (Eq. 1) or nonsaturating (§3)",
                     ("minimax", "nonsaturating"))
     k: int = arg(1, "discriminator steps per generator step (Algorithm 1)", min=1)
@@ -205,9 +208,9 @@ def main(cfg: TrainConfig):
     if cfg.arch != "dcgan" and (cfg.g_upsample != "transposed" or cfg.g_norm != "batch"):
         raise UserError(f"--g-upsample and --g-norm shape the DCGAN generator; the MLP one is sized by --size "
                         f"(got --arch {cfg.arch})")
-    if d_arch != "dcgan" and (cfg.d_width or cfg.d_norm != "batch"):
-        raise UserError(f"--d-width and --d-norm shape the DCGAN discriminator; the maxout one is sized by --size "
-                        f"(got a {d_arch} discriminator)")
+    if d_arch != "dcgan" and (cfg.d_width or cfg.d_norm != "batch" or cfg.d_readout != "linear"):
+        raise UserError(f"--d-width, --d-norm and --d-readout shape the DCGAN discriminator; the maxout one is sized "
+                        f"by --size (got a {d_arch} discriminator)")
     if d_arch != "mlp" and (cfg.d_units or (cfg.d_keep_in, cfg.d_keep) != (GANConfig.d_keep_in, GANConfig.d_keep)):
         raise UserError(f"--d-units, --d-keep-in and --d-keep shape the maxout discriminator (got a {d_arch} "
                         "discriminator)")
@@ -290,7 +293,8 @@ def gan_config_of(cfg: dict) -> GANConfig:
     cfg = {**dataclasses.asdict(TrainConfig()), **{k: v for k, v in cfg.items() if k in known}}
     return model_config(cfg["arch"], cfg["size"], d_arch=cfg["d_arch"], z_dim=cfg["z_dim"], noise=cfg["noise"],
                         d_width=cfg["d_width"], g_upsample=cfg["g_upsample"], g_norm=cfg["g_norm"],
-                        d_norm=cfg["d_norm"], d_keep_in=cfg["d_keep_in"], d_keep=cfg["d_keep"],
+                        d_norm=cfg["d_norm"], d_readout=cfg["d_readout"], d_keep_in=cfg["d_keep_in"],
+                        d_keep=cfg["d_keep"],
                         **({"d_units": cfg["d_units"]} if cfg["d_units"] else {}))
 
 

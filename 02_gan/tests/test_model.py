@@ -100,6 +100,42 @@ def test_norm_none_makes_each_player_treat_each_image_on_its_own():
         assert (d_change < 1e-6) == (d_norm == "none") and (d_change > 1e-4) == (d_norm == "batch"), d_change
 
 
+def test_readout_parameter_counts():
+    """--d-readout conv adds a 4x4 stride-2 layer to 4w channels (batch norm, no bias) and reads the 3x3 map with
+    one 3x3 convolution; fc flattens the 2w x 7 x 7 map into 4w LeakyReLU units, then one logit."""
+    w = SIZES["dcgan"]["tiny"]["width"]
+    stem = (16 * w + w) + (w * 2 * w * 16 + 2 * 2 * w)  # the two layers every readout shares
+    counts = {how: count_params(build_gan(model_config("dcgan", "tiny", d_readout=how))[1])
+              for how in ("linear", "conv", "fc")}
+    assert counts == {"linear": stem + 2 * w * 49 + 1,
+                      "conv": stem + 2 * w * 4 * w * 16 + 2 * 4 * w + 4 * w * 9 + 1,
+                      "fc": stem + (2 * w * 49 * 4 * w + 4 * w) + (4 * w + 1)}
+
+
+def test_the_linear_readout_makes_the_conv_discriminators_logit_a_sum_over_image_windows():
+    """Each position of the conv D's 7x7 map sees a 10x10-pixel window, and the "linear" readout (DCGAN's last
+    layer) adds up one score per position. So two changes to the image far enough apart that no window holds both
+    (opposite 8x8 corners) change the logit by the sum of what each does alone: their interaction
+    D(x+a+b) - D(x+a) - D(x+b) + D(x) is zero. A readout that mixes positions ("conv", "fc") or the maxout D, whose
+    every unit weighs all 784 pixels, can make it anything. (Eval mode and float64: batch norm on fixed statistics,
+    no dropout, no rounding.)"""
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28, dtype=torch.float64) * 2 - 1
+    a, b = torch.zeros_like(x), torch.zeros_like(x)
+    a[..., :8, :8] = torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    b[..., 20:, 20:] = torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    for d_arch, readout in (("dcgan", "linear"), ("dcgan", "conv"), ("dcgan", "fc"), ("mlp", "linear")):
+        _, D = build_gan(model_config("dcgan", "small", d_arch=d_arch, d_readout=readout))
+        D = D.double().eval()
+        with torch.no_grad():
+            interaction = (D(x + a + b) - D(x + a) - D(x + b) + D(x)).abs().max().item()
+            alone = min((D(x + a) - D(x)).abs().min().item(), (D(x + b) - D(x)).abs().min().item())
+        assert alone > 1e-9, (d_arch, readout, alone)  # each change does move the logit
+        additive = d_arch == "dcgan" and readout == "linear"
+        assert (interaction < 1e-14) == additive and (interaction > 1e-9) == (not additive), (d_arch, readout,
+                                                                                            interaction)
+
+
 def test_resize_upsampling_keeps_a_flat_image_flat_where_the_transposed_convolution_makes_a_checkerboard():
     """Odena et al. 2016: the four output pixels of a 2x2 cell of a stride-2 transposed convolution are made by four
     different sets of kernel taps, so even a constant input comes out as a period-2 pattern; nearest-neighbour

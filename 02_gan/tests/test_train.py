@@ -235,11 +235,11 @@ def optim_equal(a: dict, b: dict) -> bool:
                                        dict(arch="mlp", optimizer="sgd", lr=0.1, update="simultaneous",
                                             d_loss_scale=0.5),
                                        dict(arch="dcgan", size="tiny", batch_size=16, ema_decay=0.9, d_width=6,
-                                            g_upsample="resize"),
+                                            g_upsample="resize", d_readout="conv"),
                                        dict(arch="dcgan", size="tiny", batch_size=16, d_arch="mlp", g_norm="none",
                                             d_units=8, d_keep_in=1.0, d_keep=0.7),
                                        dict(arch="mlp", size="tiny", batch_size=16, d_arch="dcgan", d_norm="none",
-                                            update="simultaneous")])
+                                            d_readout="fc", update="simultaneous")])
 def test_exact_resume(tmp_path, overrides):
     cfg = smoke(steps=10, sample_every=0, ckpt_every=0, **overrides)
     straight, resumed = run_interrupted_and_straight(main, cfg, stop_at=4, experiments=tmp_path)
@@ -249,7 +249,8 @@ def test_exact_resume(tmp_path, overrides):
     assert checkpoints_equal(straight, resumed, keys=weights)
     if "dcgan" in (cfg.arch, cfg.d_arch):  # the run built the flags' D and G; its saved config rebuilds exactly those
         flags = model_config(cfg.arch, cfg.size, d_arch=cfg.d_arch, d_width=cfg.d_width, g_upsample=cfg.g_upsample,
-                             g_norm=cfg.g_norm, d_norm=cfg.d_norm, d_keep_in=cfg.d_keep_in, d_keep=cfg.d_keep,
+                             g_norm=cfg.g_norm, d_norm=cfg.d_norm, d_readout=cfg.d_readout, d_keep_in=cfg.d_keep_in,
+                             d_keep=cfg.d_keep,
                              **({"d_units": cfg.d_units} if cfg.d_units else {}))
         if discriminator_arch(flags) == "dcgan":
             assert straight["discriminator"]["net.0.weight"].shape[0] == (cfg.d_width or flags.width)
@@ -414,8 +415,10 @@ def test_user_errors_in_process(tmp_path, smoke_run):
     for flags in (dict(g_upsample="resize"), dict(g_norm="none"), dict(d_arch="dcgan", g_upsample="resize")):
         with pytest.raises(UserError, match="--g-upsample and --g-norm shape the DCGAN generator; .* --arch mlp"):
             main(smoke(**flags))  # the smoke preset's G is the MLP
-    for flags in (dict(d_width=8), dict(d_norm="none"), dict(arch="dcgan", d_arch="mlp", d_norm="none")):
-        with pytest.raises(UserError, match="--d-width and --d-norm shape the DCGAN discriminator; .* a mlp disc"):
+    for flags in (dict(d_width=8), dict(d_norm="none"), dict(arch="dcgan", d_arch="mlp", d_norm="none"),
+                  dict(d_readout="fc"), dict(arch="dcgan", d_arch="mlp", d_readout="conv")):
+        with pytest.raises(UserError, match="--d-width, --d-norm and --d-readout shape the DCGAN discriminator; .* a "
+                           "mlp disc"):
             main(smoke(**flags))
     for flags in (dict(arch="dcgan", size="tiny", d_keep=1.0), dict(d_arch="dcgan", d_keep_in=0.5),
                   dict(d_arch="dcgan", d_units=4)):
