@@ -146,11 +146,17 @@ def parse_config(config_cls, presets: dict, stage: str, argv: list[str] | None =
     return cfg
 
 
+SIGNAL_STOPS: list[int] = []  # the signals that stopped a training in this process after it saved (Run adds them)
+
+
 def run_entry(fn: Callable, *args, **kwargs):
     """Call an entry point; turn a UserError into exit code 2, a diverged run into exit code 1 and a Ctrl-C
-    outside training (training saves and exits cleanly on its own) into one line and exit code 130."""
+    outside training into one line and exit code 130. A training stopped by Ctrl-C or SIGTERM saves and ends
+    on its own, then exits with 128 + the signal's number (130, 143) like a killed program: a stop is not a
+    finished run, so ``train.py && sample.py`` or a job script stops there too."""
+    SIGNAL_STOPS.clear()
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -160,6 +166,9 @@ def run_entry(fn: Callable, *args, **kwargs):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    if SIGNAL_STOPS:
+        sys.exit(128 + SIGNAL_STOPS[0])
+    return result
 
 
 def output_file(path: str | Path, flag: str) -> Path:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from shared import REPO_ROOT, UserError
 from shared.checkpoint import git_hash, load_checkpoint, load_error, provenance, save_checkpoint
-from shared.cli import TrainingDiverged
+from shared.cli import SIGNAL_STOPS, TrainingDiverged
 from shared.data import TensorImages, batches_from, make_loader
 from shared.images import plot_curves, read_metrics, save_grid
 from shared.runtime import (
@@ -145,7 +145,7 @@ class Run:
         self.is_main = self.dist.is_main
         self.step = 0
         self.stop_reason = ""
-        self._signalled = False  # a signal came: the next one aborts (an automatic stop does not count)
+        self._signalled = 0  # the signal that came, if one did: the next one aborts (an automatic stop does not count)
         self._sums: dict[str, float | torch.Tensor] = {}  # the logging window: steps since the last row
         self._counts: dict[str, int] = {}
         self._rows = 0  # rows in metrics.jsonl
@@ -187,6 +187,8 @@ class Run:
                 for path in written:
                     path.unlink()
                 self.dir.rmdir()
+        if exc_type is None and self._signalled:
+            SIGNAL_STOPS.append(self._signalled)
         ddp_teardown(barrier=exc_type is None)
         return False
 
@@ -202,7 +204,7 @@ class Run:
     def _on_signal(self, signum, frame):
         if self._signalled:  # a second Ctrl-C aborts at once
             raise KeyboardInterrupt
-        self._signalled = True
+        self._signalled = signum
         self.stop_reason = self.stop_reason or signal.Signals(signum).name
         print0(f"\n{self.stop_reason}: finishing step, saving a checkpoint and samples (again to abort)")
 

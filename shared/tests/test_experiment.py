@@ -179,7 +179,10 @@ def test_foreign_checkpoint_is_refused_from_the_cli(tmp_path):
     assert proc.returncode == 2 and "stage 02_gan, not 00_toy" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_sigint_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_and_exits_with_128_plus_its_number(tmp_path, sig):
+    """Ctrl-C or SIGTERM: the step ends, the checkpoint and samples are written, and the exit code is 130 or 143
+    (not 0), so a shell's ``train.py && sample.py`` does not go on as if the training had finished."""
     cmd = [sys.executable, str(TOY), "--preset", "smoke", "--steps", "100000", "--sleep", "0.01",
            "--run-name", "sig", "--ckpt-every", "0"]
     proc = subprocess.Popen(cmd, cwd=TOY.parent, env={**__import__("os").environ,
@@ -189,11 +192,11 @@ def test_sigint_saves_and_exits_cleanly(tmp_path):
     deadline = time.time() + 60
     while not (metrics.exists() and metrics.read_text().count("\n") >= 5) and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-1000:]
+    assert proc.returncode == 128 + sig, err[-1000:]
     ckpt = torch.load(tmp_path / "00_toy/sig/ckpt.pt", weights_only=True)
-    assert 5 <= ckpt["step"] < 100000 and "stopped early (SIGINT)" in out
+    assert 5 <= ckpt["step"] < 100000 and f"stopped early ({sig.name})" in out and "Traceback" not in err
     assert (tmp_path / "00_toy/sig/samples/final.png").exists()
 
 
