@@ -75,6 +75,8 @@ class TrainConfig(CommonConfig):
     steps: int = arg(16000, "generator steps (each after k discriminator steps)", min=1)
     batch_size: int = arg(64, "images per discriminator step and noise vectors per generator step", min=1)
     lr: float = arg(2e-4, "learning rate of both players", min=1e-12)
+    d_lr: float = arg(0.0, "adam: the discriminator's own learning rate (0: --lr; two time-scales, Heusel et al. "
+                      "2017, not in either paper)", min=0.0)
     sample_every: int = arg(250, "write a grid of samples of a fixed z every N steps (the GIF's frames)")
     ckpt_every: int = arg(500, "write a checkpoint every N steps (0: only at the end)")
     diag_every: int = arg(50, "also log ||grad_theta_g|| of both generator losses at the steps that are multiples "
@@ -187,10 +189,11 @@ def paper_sgd_schedule(step: int, cfg: TrainConfig, steps_per_epoch: int) -> tup
     return lr, momentum
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: TrainConfig, lr: float = 0.0) -> torch.optim.Optimizer:
+    """SGD or Adam at ``lr`` (0: ``cfg.lr``)."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, 0.999))
+        return torch.optim.SGD(params, lr=lr or cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(params, lr=lr or cfg.lr, betas=(cfg.beta1, 0.999))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -201,6 +204,9 @@ def main(cfg: TrainConfig):
     if cfg.update == "simultaneous" and cfg.k != 1:
         raise UserError(f"--update simultaneous makes one D step per G step; --k {cfg.k} needs --update "
                         "alternating")
+    if cfg.d_lr and cfg.optimizer != "adam":  # the SGD schedule sets one learning rate for both players
+        raise UserError(f"--d-lr is for --optimizer adam; --optimizer {cfg.optimizer} follows the released "
+                        "schedule, one learning rate for both players")
     d_arch = discriminator_arch(cfg)
     if cfg.update == "simultaneous" and d_arch == "dcgan" and cfg.d_norm == "batch":  # [real; fake] mixed in BN
         raise UserError("--update simultaneous passes real and fake images through D as one batch, whose batch "
@@ -233,7 +239,7 @@ def main(cfg: TrainConfig):
         if cfg.arch == "mlp":
             G.init_output_bias(to_unit(images).mean(0))
         G, D = G.to(run.device), D.to(run.device)
-        opt_g, opt_d = make_optimizer(G.parameters(), cfg), make_optimizer(D.parameters(), cfg)
+        opt_g, opt_d = make_optimizer(G.parameters(), cfg), make_optimizer(D.parameters(), cfg, cfg.d_lr)
         state = dict(model=G, discriminator=D, opt_g=opt_g, opt_d=opt_d)
         if cfg.ema_decay > 0:
             state["ema"] = G_ema = copy.deepcopy(G).eval().requires_grad_(False)  # batch norm on its running stats

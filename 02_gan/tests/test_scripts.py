@@ -10,6 +10,7 @@ from model import GANConfig, build_gan, model_config, sample_noise
 from test_train import smoke
 from train import STAGE, TrainConfig, main, make_optimizer
 
+from shared import UserError
 from shared.checkpoint import provenance, save_checkpoint
 from shared.data import load_images, to_unit
 from shared.images import to_uint8
@@ -139,6 +140,19 @@ def test_make_optimizer_takes_the_momentum_flag():
     """--momentum is SGD's initial momentum."""
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert make_optimizer(params, TrainConfig(optimizer="sgd", momentum=0.3)).param_groups[0]["momentum"] == 0.3
+
+
+def test_d_lr_is_the_discriminators_own_learning_rate_and_only_with_adam(tmp_path, monkeypatch):
+    """--d-lr reaches D's optimizer and not G's (the checkpoint's optimizer states say so); 0 means --lr; with the
+    released SGD schedule, which sets one rate for both players, it is refused."""
+    monkeypatch.setenv("SCRATCHGEN_EXPERIMENTS", str(tmp_path))
+    for name, d_lr in (("two", 5e-5), ("one", 0.0)):
+        main(smoke(run_name=name, optimizer="adam", lr=2e-4, d_lr=d_lr, steps=2, sample_every=0, ckpt_every=0))
+        ckpt = torch.load(tmp_path / STAGE / name / "ckpt.pt", weights_only=True)
+        assert ckpt["opt_d"]["param_groups"][0]["lr"] == (d_lr or 2e-4)
+        assert ckpt["opt_g"]["param_groups"][0]["lr"] == 2e-4
+    with pytest.raises(UserError, match="--d-lr is for --optimizer adam"):
+        main(smoke(optimizer="sgd", d_lr=1e-3))
 
 
 # ------------------------------------------------------------------------------------------------ figures.py
